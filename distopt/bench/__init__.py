@@ -1,0 +1,1 @@
+"""Reserved; see DESIGN.md §3."""

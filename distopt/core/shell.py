@@ -1,0 +1,114 @@
+"""The optimizer shell: one ``torch.optim.Optimizer`` that runs a recipe per param group.
+
+Hyperparameters live in ``param_groups`` (so LR schedulers, ``state_dict`` and wrappers such
+as Opacus, DeepSpeed and Accelerate see a normal optimizer); each operator's buffers live in
+``self.state[p]`` next to a torch-style ``step`` counter. A recipe is rebuilt from its group
+at every step, so anything a scheduler or the user writes into the group takes effect.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from distopt.core.chain import Chain
+from distopt.core.hyper import COMMON, Hyper, validate
+from distopt.core.operator import StepContext
+from distopt.core.tensor_ops import TensorOps
+
+Params = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+
+class DistOptimizer(torch.optim.Optimizer):
+    """Base of every distopt optimizer. Subclasses declare ``name``, ``family``, ``hyper``
+    (name -> :class:`~distopt.core.hyper.Hyper`), ``reference`` (what the tests compare it
+    with) and implement :meth:`recipe`."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    hyper: ClassVar[Mapping[str, Hyper]] = {}
+    reference: ClassVar[str] = ""
+
+    def __init__(self, params: Params, **hparams: Any) -> None:
+        spec = self.hyperparameters()
+        validate(self.name, spec, hparams)
+        defaults = {k: h.default for k, h in spec.items()}
+        defaults.update(hparams)
+        super().__init__(params, defaults)
+
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Hyper]:
+        return {**cls.hyper, **COMMON}
+
+    @classmethod
+    def recipe(cls, group: Mapping[str, Any]) -> Chain:
+        """The operator chain for one param group's hyperparameters."""
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        validate(self.name, self.hyperparameters(), {k: v for k, v in param_group.items() if k != "params"})
+        super().add_param_group(param_group)
+
+    def _prepare(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{self.name} does not support sparse gradients")
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = self._prepare(group)
+            if params:
+                self._step_group(group, params, grads)
+        return loss
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        recipe = self.recipe(group)
+        ops = TensorOps(group["foreach"] is not False)
+        states = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state.update(recipe.init(p))
+            states.append(state)
+        step_counts = [s["step"] for s in states]
+        ops.add_(step_counts, 1.0)
+        ctx = StepContext(group, params, states, [int(s.item()) for s in step_counts], ops)
+        recipe.update(ops.neg(grads) if group["maximize"] else grads, ctx)
+
+    def __repr__(self) -> str:
+        return f"distopt.{type(self).__name__}({len(self.param_groups)} group(s), {self.defaults})"
+
+
+class ChainOptimizer(DistOptimizer):
+    """An optimizer from a user's own chain: ``ChainOptimizer(params, recipe, lr=1e-3)``.
+
+    ``recipe`` is a :class:`Chain` or a callable ``group -> Chain``; any keyword arguments
+    become group hyperparameters that the operators may read (``ApplyLR()`` reads ``lr``).
+    """
+
+    name = "chain"
+    family = "custom"
+
+    def __init__(self, params: Params, recipe: Chain | Callable[[Mapping[str, Any]], Chain], **hparams: Any) -> None:
+        self._recipe = recipe if callable(recipe) and not isinstance(recipe, Chain) else (lambda group: recipe)
+        self._extra = {k: Hyper(v) for k, v in hparams.items()}
+        torch.optim.Optimizer.__init__(self, params, {**{k: h.default for k, h in COMMON.items()}, **hparams})
+
+    def hyperparameters(self) -> dict[str, Hyper]:  # type: ignore[override]
+        return {**self._extra, **COMMON}
+
+    def recipe(self, group: Mapping[str, Any]) -> Chain:  # type: ignore[override]
+        return self._recipe(group)

@@ -1,0 +1,1 @@
+"""memory efficient recipes."""

@@ -1,0 +1,1 @@
+"""zeroth order recipes."""

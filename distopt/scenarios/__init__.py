@@ -1,0 +1,4 @@
+"""T stage: scenario transforms (regularizers, clipping, privacy, compression, memory)."""
+from distopt.scenarios.regularization import AddWeightDecay
+
+__all__ = ["AddWeightDecay"]
