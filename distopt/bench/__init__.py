@@ -1,1 +1,32 @@
-"""Reserved; see DESIGN.md §3."""
+"""Benchmarks behind the ``distopt`` command line.
+
+- :mod:`distopt.bench.catalogue`: the registry as a table (stages, locality, state bytes/param).
+- :mod:`distopt.bench.workloads`, :mod:`~distopt.bench.runner`, :mod:`~distopt.bench.report`:
+  the default suite (an MLP on scikit-learn's bundled digits, an lr grid, several seeds).
+- :mod:`distopt.bench.step_time`: ``step()`` time side by side with ``torch.optim``.
+
+Only torch is required by the core; the suite's extras (scikit-learn, matplotlib, rich, tqdm) are
+imported lazily through :func:`require` / :func:`optional`.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+INSTALL_HINT = 'pip install "distopt[bench]"'
+
+
+def require(module: str) -> ModuleType:
+    """Import ``module`` or raise an ImportError telling how to install the bench extras."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"distopt bench needs `{module}`; install the extras with: {INSTALL_HINT}") from exc
+
+
+def optional(module: str) -> ModuleType | None:
+    """Import ``module`` if it is installed, else ``None`` (for nice-to-have output)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None

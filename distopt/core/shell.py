@@ -18,6 +18,7 @@ from distopt.core.operator import StepContext
 from distopt.core.tensor_ops import TensorOps
 
 Params = Iterable[Tensor] | Iterable[dict[str, Any]]
+Route = Callable[[Mapping[str, Any], list[Tensor], list[Tensor], list[dict[str, Any]]], None]
 
 
 class DistOptimizer(torch.optim.Optimizer):
@@ -45,6 +46,16 @@ class DistOptimizer(torch.optim.Optimizer):
     def recipe(cls, group: Mapping[str, Any]) -> Chain:
         """The operator chain for one param group's hyperparameters."""
         raise NotImplementedError
+
+    @classmethod
+    def fast_route(cls, group: Mapping[str, Any]) -> Route | None:
+        """A faster kernel computing exactly the recipe's math for this group, or None.
+
+        It receives ``(group, params, grads, states)`` with states initialised by the recipe and
+        must advance ``state["step"]`` itself. The per-tensor route (``foreach=False``) always
+        runs the chain, so the conformance battery tests every fast route equal to the chain.
+        """
+        return None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         validate(self.name, self.hyperparameters(), {k: v for k, v in param_group.items() if k != "params"})
@@ -80,9 +91,14 @@ class DistOptimizer(torch.optim.Optimizer):
         for p in params:
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                # torch's convention: a CPU step counter, on the param's device for fused kernels
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group.get("fused") else "cpu")
                 state.update(recipe.init(p))
             states.append(state)
+        route = self.fast_route(group) if group["foreach"] is not False else None
+        if route is not None:
+            route(group, params, grads, states)
+            return
         step_counts = [s["step"] for s in states]
         ops.add_(step_counts, 1.0)
         ctx = StepContext(group, params, states, [int(s.item()) for s in step_counts], ops)

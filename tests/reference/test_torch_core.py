@@ -36,3 +36,17 @@ def test_parity_with_torch(case: str, foreach: bool) -> None:
         hparams,
         reference=f"torch.optim.{ref_cls.__name__}",
     )
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+@pytest.mark.parametrize("route", [{"fused": True}, {"foreach": True}])
+def test_fast_routes_equal_the_chain(name: str, route: dict) -> None:
+    """The torch-kernel routes (foreach, fused on CPU) against distopt's own chain (foreach=False)."""
+    hparams = [dict(lr=1e-2, weight_decay=0.1, amsgrad=True), dict(lr=3e-3, betas=(0.8, 0.9), weight_decay=0.0)]
+    assert_parity(
+        f"{name} route {route} vs chain",
+        lambda groups: distopt.create(name, groups, **route),
+        lambda groups: distopt.create(name, groups, foreach=False),
+        hparams,
+        reference=f"distopt {name} chain (foreach=False)",
+    )

@@ -1,0 +1,4 @@
+"""``python -m distopt ...`` is the ``distopt`` command line."""
+from distopt.cli import main
+
+raise SystemExit(main())
