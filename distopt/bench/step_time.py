@@ -95,11 +95,19 @@ def candidates(name: str, shapes: list[tuple[int, ...]], device: str) -> tuple[l
         (cls, fixed), modes = counterpart, ("foreach", "fused")
         hparams_t, torch_label = hparams | fixed, cls.__name__ + "".join(f" {k}={v}" for k, v in fixed.items())
     out = [Candidate("distopt", distopt.create(name, _tensors(shapes, device), foreach=True, **EXTRA.get(name, {})))]
+    if "fused" in distopt.get(name).hyperparameters():
+        fused = _distopt_fused(name, device)
+        if _supported(fused, device):
+            out.append(Candidate("distopt-fused", fused(_tensors(shapes, device))))
     for mode in modes:
         factory = _torch_factory(cls, hparams_t, mode)
         if _supported(factory, device):
             out.append(Candidate(mode, factory(_tensors(shapes, device))))
     return out, torch_label
+
+
+def _distopt_fused(name: str, device: str) -> Callable[[list[torch.Tensor]], Any]:
+    return lambda params: distopt.create(name, params, fused=True, **EXTRA.get(name, {}))
 
 
 def _sync(device: str) -> None:
@@ -124,7 +132,8 @@ def time_candidates(cands: list[Candidate], repeats: int, device: str, warmup: i
 
 
 def _row(name: str, torch_label: str, ms: dict[str, float], error: str | None = None) -> dict[str, Any]:
-    ratio = {m: ms[m] / ms["distopt"] if m in ms and "distopt" in ms else None for m in ("foreach", "fused")}
+    ours = {"foreach": ms.get("distopt"), "fused": ms.get("distopt-fused", ms.get("distopt"))}
+    ratio = {m: ms[m] / ours[m] if m in ms and ours[m] else None for m in ("foreach", "fused")}
     return {"optimizer": name, "torch": torch_label, "distopt_ms": ms.get("distopt"),
             "foreach_ms": ms.get("foreach"), "fused_ms": ms.get("fused"),
             "ratio_foreach": ratio["foreach"], "ratio_fused": ratio["fused"], "error": error}
