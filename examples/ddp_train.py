@@ -56,6 +56,7 @@ def main() -> None:
     if args.out and rank == 0:
         torch.save([p.detach() for p in model.parameters()], args.out)
     if distributed:
+        dist.barrier()  # let every rank finish its collectives before gloo tears the group down
         dist.destroy_process_group()
 
 

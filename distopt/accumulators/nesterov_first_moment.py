@@ -5,24 +5,15 @@
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from distopt.core.operator import Operator, Stage, StepContext
+from distopt.accumulators.moments import FirstMoment
+from distopt.core.operator import StepContext
 
 
-class NesterovFirstMoment(Operator):
+class NesterovFirstMoment(FirstMoment):
     """Update ``m`` like :class:`~distopt.accumulators.FirstMoment`, return ``lerp(m, g, 1-β)``."""
 
-    stage = Stage.PHI
-
-    def __init__(self, beta: float, key: str = "exp_avg") -> None:
-        self.beta, self.key = beta, key
-
-    def init(self, param: Tensor) -> dict[str, Tensor]:
-        return {self.key: torch.zeros_like(param, memory_format=torch.preserve_format)}
-
     def update(self, updates: list[Tensor], ctx: StepContext) -> list[Tensor]:
-        m = [s[self.key] for s in ctx.states]
-        ctx.ops.lerp_(m, updates, 1.0 - self.beta)
+        m = super().update(updates, ctx)
         return ctx.ops.lerp(m, updates, 1.0 - self.beta)
