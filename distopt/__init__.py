@@ -10,6 +10,7 @@ from distopt import optimizers as _optimizers  # noqa: F401  (registers the cata
 from distopt.core import (
     FAMILIES, Chain, ChainOptimizer, DistOptimizer, Locality, Operator, Stage, available, chain, create, get,
 )
+from distopt.core.accounting import state_bytes, state_bytes_per_param
 from distopt.core.registry import _REGISTRY
 
 __version__ = "0.1.0"
@@ -18,5 +19,5 @@ globals().update({cls.__name__: cls for cls in _REGISTRY.values()})
 
 __all__ = [
     "FAMILIES", "Chain", "ChainOptimizer", "DistOptimizer", "Locality", "Operator", "Stage",
-    "available", "chain", "create", "get", *sorted(cls.__name__ for cls in _REGISTRY.values()),
+    "available", "chain", "create", "get", "state_bytes", "state_bytes_per_param", *sorted(cls.__name__ for cls in _REGISTRY.values()),
 ]

@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_step.add_argument("--quick", action="store_true", help="tiny run: size 64, 3 repeats")
     p_step.add_argument("--plain", action="store_true", help="plain text table even if rich is installed")
     p_step.set_defaults(func=cmd_step)
+
+    from distopt.commands import add_all
+
+    add_all(sub, bench_sub)
     return parser
 
 

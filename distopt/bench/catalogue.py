@@ -6,7 +6,7 @@ given random gradients, stepped twice, and every tensor in ``optimizer.state`` e
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -21,32 +21,25 @@ def _probe_params(seed: int = 0) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(64, 48, generator=gen)), torch.nn.Parameter(torch.randn(48, generator=gen))]
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-
-
 def _step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+    """One step on a quartic loss, driven the way the optimizer's ``closure_kind`` asks."""
+    targets = [torch.randn(p.shape, generator=gen) for p in params]
 
-    def closure() -> torch.Tensor:  # for optimizers that re-evaluate the loss (zeroth order, line search)
-        loss = sum((p * p).sum() for p in params)
-        if torch.is_grad_enabled() and loss.requires_grad:
-            opt.zero_grad()
-            loss.backward()
-        return loss.detach()
+    def loss_fn() -> torch.Tensor:
+        return sum(((p - t) ** 4).sum() for p, t in zip(params, targets))  # type: ignore[return-value]
 
-    try:
-        opt.step()
-    except Exception:  # noqa: BLE001 - some optimizers need a closure
-        opt.step(closure)
+    kind = getattr(type(opt), "closure_kind", "backward")
+    if kind == "forward":  # zeroth order: the closure is only ever evaluated
+        opt.step(loss_fn)
+        return
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward(create_graph=kind == "create_graph")
+        return loss
+
+    opt.step(closure)
 
 
 def state_bytes_per_param(name: str) -> float:
@@ -56,14 +49,7 @@ def state_bytes_per_param(name: str) -> float:
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):
         _step(opt, params, gen)
-    seen: dict[int, int] = {}
-    for state in opt.state.values():
-        for key, value in state.items():
-            if key == "step":
-                continue
-            for t in _tensors(value):
-                seen[id(t)] = t.numel() * t.element_size()
-    return sum(seen.values()) / sum(p.numel() for p in params)
+    return distopt.state_bytes_per_param(opt)
 
 
 def describe(name: str) -> dict[str, Any]:

@@ -30,6 +30,13 @@ class DistOptimizer(torch.optim.Optimizer):
     family: ClassVar[str] = ""
     hyper: ClassVar[Mapping[str, Hyper]] = {}
     reference: ClassVar[str] = ""
+    #: what ``step(closure)`` needs from the closure:
+    #: ``"backward"``: optional; it zeroes grads, computes the loss and calls ``backward()``;
+    #: ``"create_graph"``: gradients must come from ``backward(create_graph=True)`` (Hessian-vector
+    #: products: AdaHessian, Sophia); ``"forward"``: required, returns the loss without any backward
+    #: (zeroth-order recipes re-evaluate it at perturbed parameters). Wrappers that cannot honour a
+    #: kind (Opacus' DPOptimizer calls ``step()`` without the closure) refuse by reading this.
+    closure_kind: ClassVar[str] = "backward"
 
     def __init__(self, params: Params, **hparams: Any) -> None:
         spec = self.hyperparameters()
