@@ -96,3 +96,23 @@ def test_tensor_ops_routes_agree(name: str) -> None:
     out = [getattr(TensorOps(f), name)([x.clone() for x in xs], *args) for f in (True, False)]
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("name", "hparams", "expected"), [
+    ("sgd", {}, 0),                                   # no momentum: no buffer
+    ("sgd", {"momentum": 0.9}, 4 * (64 * 48 + 48)),   # one fp32 buffer per param
+    ("adamw", {}, 8 * (64 * 48 + 48)),                # exp_avg + exp_avg_sq
+    ("adamw", {"amsgrad": True}, 12 * (64 * 48 + 48)),
+    ("adafactor", {}, 4 * (64 + 48) + 4 * 48),        # row + column factors; a vector keeps a full one
+])
+def test_state_bytes_counts_every_state_tensor(name: str, hparams: dict, expected: int) -> None:
+    params = [torch.nn.Parameter(torch.randn(64, 48)), torch.nn.Parameter(torch.randn(48))]
+    opt = distopt.create(name, params, **hparams)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert distopt.state_bytes(opt) == expected
+    steps = sum(s["step"].nbytes for s in opt.state.values())
+    assert distopt.state_bytes(opt, include_step=True) == expected + steps
+    assert distopt.state_bytes_per_param(opt) == pytest.approx(expected / (64 * 48 + 48))
