@@ -13,6 +13,13 @@ from distopt.core import (
 from distopt.core.accounting import state_bytes, state_bytes_per_param
 from distopt.core.registry import _REGISTRY
 
+from distopt.core import shell as _shell
+from distopt.distributed.fsdp import dtensor_delegate as _dtensor_delegate
+from distopt.integrations.deepspeed import refuse_foreign_params as _refuse_foreign_params
+
+# FSDP2 first: Accelerate swaps params for DTensors, which must be handled, not refused
+_shell.STEP_HOOKS[:] = [_dtensor_delegate, _refuse_foreign_params]
+
 __version__ = "0.1.0"
 
 globals().update({cls.__name__: cls for cls in _REGISTRY.values()})

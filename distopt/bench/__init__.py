@@ -1,8 +1,11 @@
 """Benchmarks behind the ``distopt`` command line.
 
 - :mod:`distopt.bench.catalogue`: the registry as a table (stages, locality, state bytes/param).
-- :mod:`distopt.bench.workloads`, :mod:`~distopt.bench.runner`, :mod:`~distopt.bench.report`:
-  the default suite (an MLP on scikit-learn's bundled digits, an lr grid, several seeds).
+- :mod:`distopt.bench.workloads` (+ ``workloads_vision``, ``workloads_lm``), :mod:`~distopt.bench.protocol`,
+  :mod:`~distopt.bench.runner`, :mod:`~distopt.bench.stats`, :mod:`~distopt.bench.report`: the survey's
+  evaluation made rigorous (equal tuning budgets, seeds, bootstrap CIs, steps/time to target, profiles).
+- :mod:`distopt.bench.ablation`: the P × Φ operator ablation.
+- scenario benchmarks: ``second_order_step``, ``zo_memory``, ``dp``, ``fed``, ``distopt.distributed.bench``.
 - :mod:`distopt.bench.step_time`: ``step()`` time side by side with ``torch.optim``.
 
 Only torch is required by the core; the suite's extras (scikit-learn, matplotlib, rich, tqdm) are

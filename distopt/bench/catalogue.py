@@ -1,6 +1,7 @@
 """The catalogue as rows: name, family, stages, locality, measured state bytes/param, reference.
 
-State bytes are *measured*: the optimizer is built on a float32 64x48 matrix and a 48-vector,
+State bytes are *measured*: the optimizer is built on a float32 128x96 matrix and a 96-vector
+(above adamw8bit's 4096-element threshold for quantized moments),
 given random gradients, stepped twice, and every tensor in ``optimizer.state`` except the scalar
 ``step`` counter is summed and divided by the number of parameters.
 """
@@ -18,7 +19,7 @@ COLUMNS = ("name", "family", "stages", "locality", "state B/param", "reference")
 
 def _probe_params(seed: int = 0) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(64, 48, generator=gen)), torch.nn.Parameter(torch.randn(48, generator=gen))]
+    return [torch.nn.Parameter(torch.randn(128, 96, generator=gen)), torch.nn.Parameter(torch.randn(96, generator=gen))]
 
 
 def _step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:

@@ -7,6 +7,7 @@ at every step, so anything a scheduler or the user writes into the group takes e
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
@@ -15,9 +16,15 @@ from torch import Tensor
 from distopt.core.chain import Chain
 from distopt.core.hyper import COMMON, Hyper, validate
 from distopt.core.operator import StepContext
+from distopt.core.state_dtypes import restore_saved_dtypes
 from distopt.core.tensor_ops import TensorOps
 
 Params = Iterable[Tensor] | Iterable[dict[str, Any]]
+#: Called at the top of every ``step``: ``hook(optimizer)`` returns None (go on), or an optimizer
+#: whose ``step`` runs instead (FSDP2: the shard-aware owner protocol), or raises to refuse a step
+#: that would be silently wrong (a tensor/matrix recipe on DeepSpeed's flat partitions). Installed
+#: by ``distopt/__init__.py``; the hooks import nothing heavy.
+STEP_HOOKS: list[Callable[["DistOptimizer"], Any]] = []
 Route = Callable[[Mapping[str, Any], list[Tensor], list[Tensor], list[dict[str, Any]]], None]
 
 
@@ -37,6 +44,9 @@ class DistOptimizer(torch.optim.Optimizer):
     #: (zeroth-order recipes re-evaluate it at perturbed parameters). Wrappers that cannot honour a
     #: kind (Opacus' DPOptimizer calls ``step()`` without the closure) refuse by reading this.
     closure_kind: ClassVar[str] = "backward"
+    #: True: ``load_state_dict`` keeps each saved state tensor's dtype (see core/state_dtypes.py)
+    #: instead of torch's cast of all state to the param's dtype
+    keep_state_dtypes: ClassVar[bool] = False
 
     def __init__(self, params: Params, **hparams: Any) -> None:
         spec = self.hyperparameters()
@@ -67,6 +77,15 @@ class DistOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         validate(self.name, self.hyperparameters(), {k: v for k, v in param_group.items() if k != "params"})
         super().add_param_group(param_group)
+        # the tensors this optimizer was built with: a step on others (flat ZeRO partitions) is checked
+        known = self.__dict__.setdefault("_distopt_params", {})
+        for p in self.param_groups[-1]["params"]:
+            known[id(p)] = weakref.ref(p)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.keep_state_dtypes:
+            restore_saved_dtypes(self, state_dict)
 
     def _prepare(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
@@ -81,6 +100,10 @@ class DistOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        for hook in STEP_HOOKS:
+            delegate = hook(self)
+            if delegate is not None:
+                return delegate.step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -82,22 +82,25 @@ def test_python_m_distopt_list(listed):
 
 def test_bench_quick(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(["bench", "--quick", "--out", str(out), "--no-progress", "--plain", "--optimizers",
-                 ",".join(DEFAULT_SUITE) + ",not_an_optimizer"])
+    code = main(["bench", "--quick", "--workloads", "mlp_digits", "--budget-scale", "0.5", "--out", str(out),
+                 "--no-progress", "--plain", "--jobs", "1", "--optimizers", ",".join(DEFAULT_SUITE) + ",not_an_optimizer"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "skipped 'not_an_optimizer'" in printed
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     ran = [n for n in DEFAULT_SUITE if n in distopt.available()]
-    assert [r["optimizer"] for r in records] == ran
-    for r in records:
-        assert r["error"] is None and r["steps"] == 2 * 23 and len(r["train_loss"]) == 2
-        assert r["final_test_acc"] > 0.3, r  # chance is 0.1
-        assert r["final_train_loss"] < r["train_loss"][0] or r["final_train_loss"] < 2.0
+    assert {r["config"]["optimizer"] for r in records} == set(ran)
+    train = [r for r in records if r["config"]["kind"] == "train"]
+    assert {tuple(r["roles"]) for r in train} == {("tune",), ("eval",)}
+    for r in train:  # quick: base lr only, 2 evaluation seeds, 20 steps
+        assert r["error"] is None and r["metrics"]["steps"] == 20 and len(r["curves"]["val"]) == 5
+        assert r["metrics"]["final_test"] > 0.2, r["config"]  # chance is 0.1
+    assert sum("eval" in r["roles"] for r in records) == 2 * len(ran)
+    assert all(r["metrics"]["peak_memory_bytes"] > 0 for r in records if r["config"]["kind"] == "memory")
     report = (out / "report.md").read_text()
     assert all(f"| {n} |" in report for n in ran) and "not_an_optimizer" in report
     if "matplotlib" in sys.modules or __import__("importlib").util.find_spec("matplotlib"):
-        assert (out / "loss_curves.png").stat().st_size > 1000
+        assert (out / "curves.png").stat().st_size > 1000
 
 
 def test_bench_step_quick(capsys):
@@ -109,7 +112,7 @@ def test_bench_step_quick(capsys):
         line = next(line for line in ratio_lines if line.startswith(f"ratio {name}:"))
         assert "distopt/torch-foreach" in line and line.rstrip().endswith("x")
         ratio = float(line.split("distopt/torch-foreach")[1].split("=")[1].split("x")[0])
-        assert 0.01 < ratio < 100
+        assert 1e-3 < ratio < 1e3  # a sanity check: on a loaded 2-core machine one timing can swing 100x
 
 
 def test_step_helpers():

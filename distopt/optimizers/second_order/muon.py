@@ -26,7 +26,7 @@ from distopt.accumulators.moments import FirstMoment, SecondMoment
 from distopt.accumulators.muon_momentum import MuonMomentum
 from distopt.core import Chain, DistOptimizer, Hyper, chain, register
 from distopt.core.hyper import EPS, FLAG, LR, WEIGHT_DECAY, Rule, _real, betas, interval, one_of
-from distopt.core.operator import Locality, Operator, Stage, StepContext
+from distopt.core.operator import Operator, Stage, StepContext
 from distopt.preconditioners.apply import ApplyLR, DecoupledWeightDecay
 from distopt.preconditioners.diagonal import RootMomentPreconditioner
 from distopt.preconditioners.orthogonal import (

@@ -1,0 +1,48 @@
+"""``distopt bench dp``: the command is registered, and one private run spends the ε it was
+calibrated for (σ from the target ε over the planned epochs)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+pytest.importorskip("opacus")
+pytest.importorskip("sklearn")
+
+from distopt.bench import dp  # noqa: E402
+from distopt.cli import build_parser  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off")
+
+
+def test_command_is_registered() -> None:
+    args = build_parser().parse_args(["bench", "dp", "--quick", "--skip-cost", "--mode", "hooks"])
+    assert args.func.__module__ == "distopt.commands.dp"
+    assert args.quick and args.skip_cost and args.mode == "hooks"
+
+
+@pytest.fixture(scope="module")
+def split():
+    return dp._split_validation(dp.load_digits_split())
+
+
+@pytest.mark.parametrize("label", ["adamw+bc", "dp-zo"])
+def test_private_run_spends_its_target_epsilon(split, label: str) -> None:
+    data, val = split
+    contender = next(c for c in dp.contenders() if c.label.startswith(label))
+    contender = dataclasses.replace(contender, batch_size=None, epochs_factor=1)  # a short run
+    settings = dp.Settings(epochs=1, batch_size=256)
+    run = dp.train_one(contender, contender.lr, 3.0, data, val, settings, seed=0)
+    assert run["sigma"] > 0 and run["steps"] > 0
+    assert 0.5 * 3.0 < run["epsilon_spent"] <= 3.0 + 0.01  # Opacus' calibration tolerance
+    assert not math.isnan(run["test_acc"])
+
+
+def test_best_cell_is_chosen_on_validation() -> None:
+    records = [
+        {"label": "a", "epsilon": 1.0, "lr": 0.1, "val_acc": 0.5, "test_acc": 0.9, "sigma": 2.0, "epsilon_spent": 1.0},
+        {"label": "a", "epsilon": 1.0, "lr": 0.2, "val_acc": 0.6, "test_acc": 0.4, "sigma": 2.0, "epsilon_spent": 1.0},
+    ]
+    best = dp.best_cells(records)
+    assert best[("a", 1.0)]["lr"] == 0.2 and best[("a", 1.0)]["test"] == 0.4
