@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,11 @@ def launch(mode: str, out: Path, timeout: int = 300) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "sharded_worker.py"), mode, "--out", str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0 and "terminate called without an active exception" in result.stdout + result.stderr:
+        # seen once in a clean-clone CI run: both ranks aborted in C++ right after init (a gloo
+        # thread torn down), not reproducible in repeated launches; one retry, loudly reported
+        warnings.warn(f"{mode}: torchrun launch aborted in C++ (SIGABRT), retrying once")
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())
     errors = [r["error"] for r in report["ranks"] if r["error"]]
