@@ -80,7 +80,7 @@ def launch(run_id: str, out: Path, timeout: int = 300) -> dict[str, Any]:
 @pytest.fixture(scope="module", params=list(RUNS))
 def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if not HAS_ACCELERATE:
-        pytest.skip('Accelerate is not installed (pip install "distopt[accelerate]")')
+        pytest.skip('Accelerate is not installed (pip install "distopt[hf]")')
     if RUNS[request.param][0] == "deepspeed" and not HAS_DS:
         pytest.skip('DeepSpeed is not installed (pip install "distopt[deepspeed]")')
     report = launch(request.param, tmp_path_factory.mktemp(request.param) / "report.json")
