@@ -87,6 +87,18 @@ class DistOptimizer(torch.optim.Optimizer):
         if self.keep_state_dtypes:
             restore_saved_dtypes(self, state_dict)
 
+    def _step_delegate(self) -> Any:
+        """Ask :data:`STEP_HOOKS` only when the param lists changed since the last step (Accelerate,
+        DeepSpeed and FSDP2 swap them in new lists), so a step pays O(groups), not O(params)."""
+        lists = [g["params"] for g in self.param_groups]
+        cached = self.__dict__.get("_distopt_hooked")
+        if cached is not None and len(cached[0]) == len(lists) and all(
+                a is b and len(a) == n for a, b, n in zip(lists, cached[0], cached[1])):
+            return cached[2]
+        delegate = next((d for d in (hook(self) for hook in STEP_HOOKS) if d is not None), None)
+        self.__dict__["_distopt_hooked"] = (lists, [len(a) for a in lists], delegate)
+        return delegate
+
     def _prepare(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
         for p in group["params"]:
@@ -100,10 +112,9 @@ class DistOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        for hook in STEP_HOOKS:
-            delegate = hook(self)
-            if delegate is not None:
-                return delegate.step(closure)
+        delegate = self._step_delegate()
+        if delegate is not None:
+            return delegate.step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -193,15 +193,8 @@ def shard_aware(optimizer: DistOptimizer, *, named_parameters: Any = None,
 
 
 def dtensor_delegate(optimizer: DistOptimizer) -> ShardedOptimizer | None:
-    """For the shell's step hook: a cached :class:`ShardedOptimizer` when any param of
-    ``optimizer`` is a DTensor, else None (cheap: one isinstance per param, result cached
-    while the param list does not change)."""
-    key = tuple(id(p) for g in optimizer.param_groups for p in g["params"])
-    cached = optimizer.__dict__.get("_distopt_fsdp")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    delegate = None
+    """For the shell's step hook: a :class:`ShardedOptimizer` when any param of ``optimizer`` is
+    a DTensor, else None (the shell caches the answer while its param lists do not change)."""
     if any(is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
-        delegate = ShardedOptimizer(optimizer)
-    optimizer.__dict__["_distopt_fsdp"] = (key, delegate)
-    return delegate
+        return ShardedOptimizer(optimizer)
+    return None

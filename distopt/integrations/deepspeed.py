@@ -38,7 +38,7 @@ DeepSpeed calls ``step()`` only at the gradient-accumulation boundary, so precon
 once per optimizer step (DeepSpeed #8443). Stage 0 / ZeRO disabled: the adapter is transparent.
 
 Plain ``deepspeed.initialize`` with a tensor/matrix distopt recipe must refuse, never update
-wrongly: :func:`refuse_foreign_params` is the check the optimizer shell runs at every step (a
+wrongly: :func:`refuse_foreign_params` is the check the optimizer shell runs whenever its param lists change (a
 parameter in ``param_groups`` that the optimizer was not built with, under a recipe whose
 locality is wider than elementwise, raises with a pointer to this module). With Accelerate
 (which calls ``deepspeed.initialize`` itself) wrap the optimizer first:
@@ -262,7 +262,7 @@ def refuse_foreign_params(optimizer: DistOptimizer) -> None:
     """Raise if a tensor/matrix recipe is about to step tensors it was not built with (DeepSpeed
     ZeRO's flat partitions, FSDP1's FlatParameters): the update would silently be wrong."""
     for group in optimizer.param_groups:
-        bad = [p for p in group["params"] if p.grad is not None and _foreign(optimizer, p)]
+        bad = [p for p in group["params"] if _foreign(optimizer, p)]
         if bad and optimizer.recipe(group).locality is not Locality.ELEMENTWISE:  # cheap check first
             raise RuntimeError(
                 f"distopt: {optimizer.name!r} needs whole tensors/matrices (locality "

@@ -29,7 +29,6 @@ import importlib.util
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ ROOT = HERE.parents[1]
 CONFIGS = ROOT / "launchers" / "accelerate"
 sys.path.insert(0, str(HERE))
 import accelerate_worker as w  # noqa: E402
+from launching import run_launch  # noqa: E402
 
 TOL = 1e-5
 HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
@@ -69,7 +69,7 @@ def launch(run_id: str, out: Path, timeout: int = 300) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
            "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()), *extra,
            str(HERE / "accelerate_worker.py"), mode, "--out", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    result = run_launch(cmd, env=env, timeout=timeout, cwd=ROOT)
     assert result.returncode == 0, " ".join(cmd) + "\n" + result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())
     errors = [r["error"] for r in report["ranks"] if r["error"]]

@@ -12,9 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import sharded_worker as w  # noqa: E402
+from launching import run_launch  # noqa: E402
 
 TOL = 1e-5
 HAS_DS = importlib.util.find_spec("deepspeed") is not None
@@ -32,12 +31,7 @@ def launch(mode: str, out: Path, timeout: int = 300) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "sharded_worker.py"), mode, "--out", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0 and "terminate called without an active exception" in result.stdout + result.stderr:
-        # seen once in a clean-clone CI run: both ranks aborted in C++ right after init (a gloo
-        # thread torn down), not reproducible in repeated launches; one retry, loudly reported
-        warnings.warn(f"{mode}: torchrun launch aborted in C++ (SIGABRT), retrying once")
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = run_launch(cmd, env=env, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())
     errors = [r["error"] for r in report["ranks"] if r["error"]]

@@ -22,6 +22,8 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader
 
+from distopt.integrations.flower._deps import option
+
 STATE_KEY = "distopt-dp-accountant"
 
 
@@ -43,15 +45,7 @@ class SampleDP:
 
     @classmethod
     def of(cls, value: Any) -> "SampleDP | None":
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            return cls(**value)
-        raise TypeError(f"dp must be None, True, a dict or a SampleDP, got {type(value).__name__}")
+        return option(cls, value, "dp")
 
 
 def load_history(state: Any) -> list[tuple[float, float, int]]:

@@ -31,6 +31,7 @@ import numpy as np
 from torch import Tensor
 
 import distopt
+from distopt.integrations.flower._deps import option
 
 ZO_RECORD, ZO_HEADER = "zo", "zo-header"
 
@@ -68,15 +69,7 @@ class ZOConfig:
 
     @classmethod
     def of(cls, value: Any) -> "ZOConfig | None":
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            return cls(**value)
-        raise TypeError(f"zo must be None, True, a dict or a ZOConfig, got {type(value).__name__}")
+        return option(cls, value, "zo")
 
 
 def make_zo_optimizer(params: Sequence[Tensor], config: ZOConfig, seed: int) -> Any:
