@@ -16,9 +16,11 @@ from distopt.core.registry import _REGISTRY
 from distopt.core import shell as _shell
 from distopt.distributed.fsdp import dtensor_delegate as _dtensor_delegate
 from distopt.integrations.deepspeed import refuse_foreign_params as _refuse_foreign_params
+from distopt.zo import optimizer as _zo_optimizer
 
 # FSDP2 first: Accelerate swaps params for DTensors, which must be handled, not refused
 _shell.STEP_HOOKS[:] = [_dtensor_delegate, _refuse_foreign_params]
+_zo_optimizer.ZO_STEP_HOOKS[:] = [_refuse_foreign_params]
 
 __version__ = "0.1.0"
 

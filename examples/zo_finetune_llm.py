@@ -23,51 +23,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import time
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def generated_text(count: int, seed: int) -> list[str]:
-    """Short arithmetic statements: learnable structure (digits, carries, fixed words)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(count):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        out.append(f"{a} plus {b} is {a + b}.")
-    return out
-
-
-class CharTokenizer:
-    """Characters of the generated text -> ids (0 is padding)."""
-
-    def __init__(self, texts: list[str]) -> None:
-        self.vocab = ["<pad>"] + sorted(set("".join(texts)))
-        self.index = {c: i for i, c in enumerate(self.vocab)}
-
-    def encode(self, text: str, length: int) -> list[int]:
-        ids = [self.index[c] for c in text][:length]
-        return ids + [0] * (length - len(ids))
-
-
-class TextDataset(torch.utils.data.Dataset):
-    def __init__(self, texts: list[str], encode, length: int) -> None:
-        self.rows = [torch.tensor(encode(t, length)) for t in texts]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.rows[i]
-        labels = ids.clone()
-        labels[ids == 0] = -100
-        return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
+from distopt.zo.lm_task import (DTYPES, TEXT_COUNT, CharTokenizer, datasets, eval_batch, generated_text,
+                                llama_from_config)
 
 
 def build(args: argparse.Namespace, texts: list[str]):
+    """(model, encode): a local Hugging Face model and its tokenizer, or the task's small LLaMA."""
     import transformers
 
     dtype = DTYPES[args.dtype]
@@ -83,12 +48,7 @@ def build(args: argparse.Namespace, texts: list[str]):
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         return model, encode
     tok = CharTokenizer(texts)
-    torch.manual_seed(args.seed)
-    config = transformers.LlamaConfig(vocab_size=len(tok.vocab), hidden_size=args.hidden,
-                                      intermediate_size=args.hidden * 2, num_hidden_layers=args.layers,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = transformers.LlamaForCausalLM(config).to(dtype)
-    return model, tok.encode
+    return llama_from_config(len(tok.vocab), args.hidden, args.layers, args.seed, dtype), tok.encode
 
 
 def main() -> None:
@@ -116,16 +76,14 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    texts = generated_text(4096, args.seed)
+    texts = generated_text(TEXT_COUNT, args.seed)
     model, encode = build(args, texts)
-    train = TextDataset(texts[:3584], encode, args.length)
-    held_out = TextDataset(texts[3584:], encode, args.length)
+    train, held_out = datasets(texts, encode, args.length)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
 
     def eval_loss() -> float:
-        batch = {k: torch.stack([held_out[i][k] for i in range(min(256, len(held_out)))]).to(device)
-                 for k in ("input_ids", "attention_mask", "labels")}
+        batch = eval_batch(held_out, device)
         with torch.no_grad():
             return model(**batch).loss.float().item()
 

@@ -1,10 +1,24 @@
-"""``distopt bench dp``: what differential privacy costs on the digits MLP.
+"""``distopt bench dp``: what differential privacy costs, and what accuracy it leaves.
 
-1. Cost: time per training iteration (forward + backward + step, median) and peak memory of
-   non-private training next to Opacus DP-SGD with per-sample gradients (``hooks``) and with
-   ghost clipping (``ghost``), as ratios to non-private. On CPU each configuration runs in a
-   fresh process (spawned) and its peak is ``ru_maxrss`` during training minus the resident size
-   before training; on CUDA it is ``torch.cuda.max_memory_allocated``.
+1. Cost, on three workloads (the digits MLP, where activations dominate; a 10.0M-parameter wide
+   MLP, where parameters dominate; the bench LM ``llama_char`` in its CPU configuration): time per
+   adamw iteration (forward + backward + step), of its forward + backward alone (the clipping
+   machinery) and of Opacus' Gaussian noise draw alone, and peak memory, for non-private training,
+   Opacus with per-sample gradients (``hooks``; skipped where those would exceed 2 GiB), Opacus'
+   two-pass ghost clipping (``ghost``) and distopt's single-backward book-keeping ghost clipping
+   (``ghost_bk``, :mod:`distopt.privacy.book_keeping`), as ratios to non-private. Each
+   (workload, mode) runs ``cost_repeats`` times, each in a fresh spawned process, the modes
+   alternating (in order, then reversed) across repeats so that load on a shared machine hits all
+   alike; the table shows medians. Time with one CPU thread is the process' CPU time
+   (``time.process_time``: a shared machine's other load does not count), otherwise (CUDA, several
+   threads) wall time; every mode calls ``zero_grad(set_to_none=True)``. Peak memory on CPU: the
+   process' peak resident size from right before the model is built (data loaded and collated,
+   lazily imported libraries loaded by a 2x2 warm-up), above the resident size then — Linux VmHWM
+   after resetting it through ``/proc/self/clear_refs`` (``ru_maxrss`` where that is unavailable) —
+   so parameters, gradients, optimizer state, activations and DP buffers all count; the workers run
+   with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so a freed large
+   tensor leaves the resident set at once and the peak follows live tensors, not what the allocator
+   happens to retain. On CUDA, ``max_memory_allocated`` above the allocation before the model.
 2. Utility: test accuracy at ε ∈ {1, 3, 8} (δ = 1e-5, PRV accountant, σ from Opacus'
    ``get_noise_multiplier`` for the planned epochs, Poisson sampling) for adamw, adamw with
    DP-AdamBC bias correction, lion, muon, shampoo (when registered) and DP-ZO (the ``zo_sgd``
@@ -15,8 +29,10 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -84,6 +100,7 @@ class Settings:
     seeds: int = 1
     lr_factors: tuple[float, ...] = LR_FACTORS
     cost_steps: int = 30
+    cost_repeats: int = 3
     device: str = "cpu"
     threads: int = 1
     grad_sample_mode: str = "ghost"  # accuracy runs: same clipped gradients as hooks, ~9x faster here
@@ -135,7 +152,7 @@ def train_one(c: Contender, lr: float, epsilon: float | None, data: Dataset, val
                 max_grad_norm=s.max_grad_norm, bias_correction=c.bias_correction, grad_sample_mode=s.grad_sample_mode,
                 noise_generator=torch.Generator(device=device).manual_seed(seed))
             model, private, loader = out[0], out[1], out[-1]
-            criterion = out[2] if s.grad_sample_mode == "ghost" else None
+            criterion = out[2] if len(out) == 4 else None
             sigma = private.noise_multiplier
     plain_zo = c.zeroth_order and epsilon is None
     native_zo = getattr(type(opt), "closure_kind", "backward") == "forward"
@@ -217,78 +234,259 @@ def best_cells(records: list[dict[str, Any]]) -> dict[tuple[str, float | None], 
 
 
 # ------------------------------------------------------------------------------------------ cost
-def _cost_worker(mode: str, s: Settings) -> dict[str, Any]:
-    """Time and peak memory of ``s.cost_steps`` iterations of adamw, non-private or private (mode)."""
+COST_MODES = ("non-private", "hooks", "ghost", "ghost_bk")
+HOOKS_LIMIT_BYTES = 2**31  # hooks mode holds B per-sample gradients: skipped above 2 GiB of them
+MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_"  # fixed in the workers: freed large tensors return to the OS at once
+
+
+@dataclass(frozen=True)
+class CostWorkload:
+    """A cost-table workload: name, batch size, and what dominates its memory."""
+
+    name: str
+    batch_size: int
+    note: str
+    steps: int | None = None  # timed iterations (None: Settings.cost_steps)
+
+
+#: a LLaMA of the bench's LM family at a width where compute, not per-op overhead, dominates on a CPU
+LLAMA_WIDE = {"dim": 256, "depth": 4, "heads": 4, "hidden": 688, "context": 128}
+
+
+def cost_workloads(s: Settings) -> list[CostWorkload]:
+    """Small workloads (per-op overhead dominates) and the large-batch regime DP-SGD trains in (noise
+    and clipping are paid once per step, so their share falls as the batch grows)."""
+    return [CostWorkload("digits_mlp", s.batch_size, "64-256-128-10 ReLU MLP on digits: activations dominate"),
+            CostWorkload("wide_mlp", 256, "784-2048-2048-2048-10 ReLU MLP, 10.0M params (random data): "
+                                          "parameters dominate"),
+            CostWorkload("wide_mlp", 1024, "the same at batch 1024 (DP-SGD's large-batch regime)", steps=10),
+            CostWorkload("llama_char", 8, "bench LM llama_char (CPU config: 2 layers, width 64, context 64)"),
+            CostWorkload("llama_wide", 16, "the bench LM at width 256, 4 layers, context 128 (3.3M params)",
+                         steps=10)]
+
+
+def _cost_setup(name: str, batch_size: int, device: torch.device) -> tuple[Any, TensorDataset, Any]:
+    """(model factory, dataset, loss(model_output, targets, criterion)) of a cost workload."""
+    if name == "digits_mlp":
+        data = load_digits_split()
+        return (lambda: build_mlp(data.num_features, data.num_classes, seed=0),
+                TensorDataset(data.x_train.to(device), data.y_train.to(device)), None)
+    if name == "wide_mlp":
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(4 * batch_size, 784, generator=g), torch.randint(0, 10, (4 * batch_size,), generator=g)
+        return (lambda: build_mlp(784, 10, hidden=(2048, 2048, 2048), seed=0),
+                TensorDataset(x.to(device), y.to(device)), None)
+    if name in ("llama_char", "llama_wide"):
+        from distopt.bench.workloads_lm import Llama, RMSNorm, llama_char
+        from distopt.privacy.book_keeping import register_layer
+
+        register_layer(RMSNorm, "rms_norm")  # the LM's RMSNorm computes F.rms_norm(x, (d,), weight, eps)
+        w = llama_char("cpu")
+        if name == "llama_wide":
+            w.context, w.batch_size, w.build = LLAMA_WIDE["context"], batch_size, lambda seed: (  # type: ignore[method-assign]
+                torch.manual_seed(seed), Llama(128, **LLAMA_WIDE))[1]
+        batches = w.batches(0)
+        xs, ys = zip(*(next(batches) for _ in range(4)))
+        ds = TensorDataset(torch.cat(xs).to(device), torch.cat(ys).to(device))
+
+        def lm_loss(logits: torch.Tensor, yb: torch.Tensor, criterion: Any) -> Any:
+            if criterion is None:
+                return nn.functional.cross_entropy(logits.flatten(0, 1), yb.flatten())
+            return criterion(logits.flatten(0, 1), yb.flatten(), shape=logits.shape[:2])  # one privacy unit: a window
+        return (lambda: w.build(0), ds, lm_loss)
+    raise ValueError(f"unknown cost workload {name!r}")
+
+
+class _Peak:
+    """Peak resident memory of this process from ``start()`` on, above the resident size at ``start()``: Linux
+    ``/proc/self/clear_refs`` (5 resets VmHWM to the current RSS) then VmHWM - VmRSS(start); without it,
+    ``ru_maxrss`` - VmRSS(start) (an over-estimate if an earlier peak was higher)."""
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    def start(self) -> None:
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        self.base = self._status("VmRSS:")
+
+    def peak(self) -> int:
+        top = self._status("VmHWM:") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return top - self.base
+
+
+def _import_everything(mode: str, s: Settings) -> None:
+    """One private step of a 2x2 linear model in ``mode``: loads every module the measured run will need."""
+    from distopt.privacy import make_private
+
+    model = nn.Linear(2, 2)
+    data = TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
+    out = make_private(model, distopt.create("adamw", model.parameters(), lr=1e-3), DataLoader(data, batch_size=2),
+                       noise_multiplier=1.0, max_grad_norm=s.max_grad_norm, poisson_sampling=False,
+                       grad_sample_mode="hooks" if mode == "non-private" else mode)
+    for xb, yb in out[-1]:
+        out[1].zero_grad()
+        logits = out[0](xb)
+        (out[2](logits, yb) if len(out) == 4 else nn.functional.cross_entropy(logits, yb)).backward()
+        out[1].step()
+        out[1].privacy_spent()
+
+
+def _cost_worker(workload: str, batch_size: int, mode: str, s: Settings, steps: int | None = None) -> dict[str, Any]:
+    """Time and peak memory of ``s.cost_steps`` adamw iterations of ``workload``, non-private or private.
+
+    Peak memory (CPU) counts everything built for training: model, gradients, optimizer state,
+    activations and DP buffers, above the resident size right before the model is built (data loaded
+    and batches collated before that). CUDA: ``max_memory_allocated`` above the allocation before."""
     torch.set_num_threads(s.threads)
     warnings.simplefilter("ignore")
+    from opacus.optimizers.optimizer import _generate_noise
+
     from distopt.privacy import make_private
 
     device = torch.device(s.device)
-    data = load_digits_split()
-    model = build_mlp(data.num_features, data.num_classes, seed=0).to(device)
-    x, y = data.x_train.to(device), data.y_train.to(device)
-    loader = DataLoader(TensorDataset(x, y), batch_size=s.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
-    opt = distopt.create("adamw", model.parameters(), lr=1e-3)
-    criterion = None
-    if mode != "non-private":
-        out = make_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=s.max_grad_norm,
-                           grad_sample_mode=mode, poisson_sampling=False)
-        model, opt, loader = out[0], out[1], out[-1]
-        criterion = out[2] if mode == "ghost" else None
-    batches = [(xb, yb) for xb, yb in loader]
-
-    def iteration(xb: torch.Tensor, yb: torch.Tensor) -> None:
-        opt.zero_grad()
-        logits = model(xb)
-        (criterion(logits, yb) if criterion is not None else nn.functional.cross_entropy(logits, yb)).backward()
-        opt.step()
-
-    iteration(*batches[0])  # warm-up (allocator, lazy state)
+    build, dataset, loss_fn = _cost_setup(workload, batch_size, device)
+    loss_fn = loss_fn or (lambda out, yb, crit: crit(out, yb) if crit else nn.functional.cross_entropy(out, yb))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    batches = [(xb, yb) for xb, yb in loader]  # collated before the baseline: data is not training memory
+    _import_everything(mode, s)  # libraries loaded lazily (Opacus, its accountants, scipy) are not training memory
+    meter = _Peak()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for i in range(s.cost_steps):
-        xb, yb = batches[(i + 1) % len(batches)]
-        t0 = time.perf_counter()
-        iteration(xb, yb)
+        meter.start()
+    model = build().to(device)
+    opt = distopt.create("adamw", model.parameters(), lr=1e-3)
+    criterion = None
+    if mode != "non-private":
+        out = make_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=s.max_grad_norm,
+                           grad_sample_mode=mode, poisson_sampling=False)
+        model, opt = out[0], out[1]
+        criterion = out[2] if len(out) == 4 else None
+
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    n_params = sum(p.numel() for p in (model._module if hasattr(model, "_module") else model).parameters())
-    return {"mode": mode, "step_ms": 1e3 * statistics.median(times), "peak_mb": peak / 2**20,
-            "params": n_params, "batch_size": s.batch_size}
+
+    cpu_clock = device.type == "cpu" and s.threads == 1  # one thread: this process' CPU time is its compute time
+    clock = time.process_time if cpu_clock else time.perf_counter
+
+    times, fwd_bwd = [], []
+    for i in range((steps or s.cost_steps) + 1):  # the first: warm-up (allocator, lazy optimizer state)
+        xb, yb = batches[i % len(batches)]
+        sync()
+        t0 = clock()
+        opt.zero_grad(set_to_none=True)  # every mode: no memset of the old gradients
+        loss_fn(model(xb), yb, criterion).backward()
+        sync()
+        t1 = clock()
+        opt.step()
+        sync()
+        if i:
+            times.append(clock() - t0)
+            fwd_bwd.append(t1 - t0)
+    peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else meter.peak()
+    params = [p for p in model.parameters() if p.requires_grad]
+    noise = []
+    for _ in range(3 if mode != "non-private" else 0):  # what Opacus' Gaussian draw alone costs per step
+        sync()
+        t0 = clock()
+        for p in params:
+            _generate_noise(std=1.0, reference=p)
+        sync()
+        noise.append(clock() - t0)
+    return {"workload": workload, "mode": mode, "step_ms": 1e3 * statistics.median(times),
+            "fwd_bwd_ms": 1e3 * statistics.median(fwd_bwd),
+            "noise_ms": 1e3 * statistics.median(noise) if noise else 0.0,
+            "peak_mb": peak / 2**20, "params": sum(p.numel() for p in params), "batch_size": batch_size,
+            "exact_peak": device.type == "cuda" or meter.exact, "clock": "cpu" if cpu_clock else "wall"}
 
 
-def cost(s: Settings, modes: tuple[str, ...] = ("non-private", "hooks", "ghost")) -> list[dict[str, Any]]:
+def _hooks_bytes(w: CostWorkload) -> int:
+    """Bytes of the B per-sample gradients that hooks mode materializes (float32)."""
+    build = _cost_setup(w.name, w.batch_size, torch.device("cpu"))[0]
+    return 4 * w.batch_size * sum(p.numel() for p in build().parameters())
+
+
+def cost(s: Settings, modes: tuple[str, ...] = COST_MODES,
+         workloads: list[CostWorkload] | None = None) -> list[dict[str, Any]]:
+    """Every (workload, mode) ``s.cost_repeats`` times, each in a fresh spawned process (its own peak), the
+    modes alternating in order and reverse order across repeats so that machine load hits all alike;
+    medians over the repeats."""
+    runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    skipped = []
+    old_env = os.environ.get(MALLOC_ENV)
+    os.environ[MALLOC_ENV] = "131072"  # read by glibc when a spawned worker starts
+    try:
+        _run_cost(s, modes, workloads, runs, skipped)
+    finally:
+        if old_env is None:
+            os.environ.pop(MALLOC_ENV, None)
+        else:
+            os.environ[MALLOC_ENV] = old_env
     rows = []
-    if s.device == "cuda":  # one process is enough: the CUDA allocator's peak can be reset
-        return [_cost_worker(m, s) for m in modes]
-    for mode in modes:  # a fresh process each, so that ru_maxrss is this configuration's peak
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            rows.append(pool.submit(_cost_worker, mode, s).result())
-    return rows
+    for rs in runs.values():
+        row = dict(rs[0])
+        for key in ("step_ms", "fwd_bwd_ms", "noise_ms", "peak_mb"):
+            row[key] = statistics.median(r[key] for r in rs)
+        row["repeats"] = len(rs)
+        rows.append(row)
+    names = list(dict.fromkeys((r["workload"], r["batch_size"]) for r in rows + skipped))
+    return sorted(rows + skipped, key=lambda r: (names.index((r["workload"], r["batch_size"])), modes.index(r["mode"])))
+
+
+def _run_cost(s: Settings, modes: tuple[str, ...], workloads: list[CostWorkload] | None,
+              runs: dict[tuple[str, int, str], list[dict[str, Any]]], skipped: list[dict[str, Any]]) -> None:
+    for w in workloads if workloads is not None else cost_workloads(s):
+        hooks_bytes = _hooks_bytes(w) if "hooks" in modes else 0
+        todo = [m for m in modes if not (m == "hooks" and hooks_bytes > HOOKS_LIMIT_BYTES)]
+        skipped += [{"workload": w.name, "mode": m, "skipped": f"per-sample gradients need "
+                     f"{hooks_bytes / 2**30:.1f} GiB", "batch_size": w.batch_size} for m in modes if m not in todo]
+        for rep in range(s.cost_repeats):
+            for mode in todo if rep % 2 == 0 else todo[::-1]:
+                if s.device == "cuda":  # the CUDA allocator's peak can be reset: one process is enough
+                    r = _cost_worker(w.name, w.batch_size, mode, s, w.steps)
+                else:
+                    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                        r = pool.submit(_cost_worker, w.name, w.batch_size, mode, s, w.steps).result()
+                runs.setdefault((w.name, w.batch_size, mode), []).append(r)
 
 
 # ------------------------------------------------------------------------------------------ report
 def print_cost(rows: list[dict[str, Any]], plain: bool = False) -> None:
-    base = rows[0]
     table = []
     for r in rows:
-        table.append([r["mode"], f"{r['step_ms']:.2f}", f"{r['step_ms'] / base['step_ms']:.2f}x",
-                      f"{r['peak_mb']:.1f}", f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base["peak_mb"] > 0 else "-"])
-    title = (f"cost of DP-SGD: adamw on the digits MLP ({base['params']} params), batch {base['batch_size']}, "
-             f"median iteration (forward+backward+step) and peak memory above the pre-training level")
-    render_table(["mode", "iter ms", "time vs non-private", "peak MB", "memory vs non-private"], table, title,
-                 plain=plain)
+        base = next((b for b in rows if (b["workload"], b["batch_size"]) == (r["workload"], r["batch_size"])
+                     and b["mode"] == "non-private"), None)
+        if "skipped" in r:
+            table.append([r["workload"], r["mode"], "-", "-", "-", "-", "-", "-", "-", f"skipped: {r['skipped']}"])
+            continue
+        ratio = lambda key: f"{r[key] / base[key]:.2f}x" if base and base[key] > 0 else "-"  # noqa: E731
+        table.append([r["workload"], r["mode"], f"{r['step_ms']:.1f}", ratio("step_ms"), f"{r['fwd_bwd_ms']:.1f}",
+                      ratio("fwd_bwd_ms"), f"{r['noise_ms']:.1f}" if r["noise_ms"] else "-", f"{r['peak_mb']:.1f}",
+                      ratio("peak_mb"), f"{r['params']} params, batch {r['batch_size']}"])
+    exact = all(r.get("exact_peak", True) for r in rows)
+    clock = "CPU time of the process" if rows and rows[0].get("clock") == "cpu" else "wall time"
+    title = (f"cost of DP-SGD (adamw; {clock}; medians over repeats of fresh processes, modes alternated): iteration = "
+             "forward+backward+step, fwd+bwd = forward+backward (the clipping), noise = Opacus' Gaussian draw alone "
+             "(part of the step); peak = training peak RSS above the RSS before the model is built, glibc mmap "
+             "threshold fixed at 128 KiB"
+             + (" (VmHWM reset by clear_refs)" if exact else " (ru_maxrss)"))
+    render_table(["workload", "mode", "iter ms", "iter vs np", "fwd+bwd ms", "fwd+bwd vs np", "noise ms", "peak MB",
+                  "memory vs np", "size"], table, title, plain=plain)
+    notes = {(w.name, w.batch_size): w.note for w in cost_workloads(Settings())}
+    for name, batch in dict.fromkeys((r["workload"], r["batch_size"]) for r in rows):
+        note = notes.get((name, batch)) or next((v for (n, _), v in notes.items() if n == name), "")
+        print(f"  {name}, batch {batch}: {note}")
 
 
 def print_utility(best: dict, plain: bool = False) -> None:
@@ -323,9 +521,11 @@ def print_utility(best: dict, plain: bool = False) -> None:
 
 def run(args: Any) -> int:
     s = Settings(epochs=args.epochs, batch_size=args.batch_size, max_grad_norm=args.max_grad_norm, seeds=args.seeds,
-                 device=args.device, threads=args.threads, cost_steps=args.cost_steps, grad_sample_mode=args.mode)
+                 device=args.device, threads=args.threads, cost_steps=args.cost_steps, grad_sample_mode=args.mode,
+                 cost_repeats=args.cost_repeats)
     if args.quick:
         s.epochs, s.seeds, s.lr_factors, s.cost_steps = min(s.epochs, 3), 1, (1.0,), min(s.cost_steps, 10)
+        s.cost_repeats = 1
     if s.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2

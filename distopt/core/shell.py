@@ -87,15 +87,17 @@ class DistOptimizer(torch.optim.Optimizer):
         if self.keep_state_dtypes:
             restore_saved_dtypes(self, state_dict)
 
-    def _step_delegate(self) -> Any:
-        """Ask :data:`STEP_HOOKS` only when the param lists changed since the last step (Accelerate,
-        DeepSpeed and FSDP2 swap them in new lists), so a step pays O(groups), not O(params)."""
+    def _step_delegate(self, hooks: list[Callable[["DistOptimizer"], Any]] | None = None) -> Any:
+        """Ask ``hooks`` (default :data:`STEP_HOOKS`) only when the param lists changed since the last
+        step (Accelerate, DeepSpeed and FSDP2 swap them in new lists), so a step pays O(groups), not
+        O(params)."""
         lists = [g["params"] for g in self.param_groups]
         cached = self.__dict__.get("_distopt_hooked")
         if cached is not None and len(cached[0]) == len(lists) and all(
                 a is b and len(a) == n for a, b, n in zip(lists, cached[0], cached[1])):
             return cached[2]
-        delegate = next((d for d in (hook(self) for hook in STEP_HOOKS) if d is not None), None)
+        delegate = next((d for d in (hook(self) for hook in (STEP_HOOKS if hooks is None else hooks))
+                         if d is not None), None)
         self.__dict__["_distopt_hooked"] = (lists, [len(a) for a in lists], delegate)
         return delegate
 

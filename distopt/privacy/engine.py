@@ -3,12 +3,13 @@ guarantee honest.
 
 Opacus does everything private: its ``PrivacyEngine`` wraps the module for per-sample gradients
 (``hooks``, ``functorch``, ``ew``) or per-sample norms (``ghost`` clipping, which returns a
-criterion wrapper as a fourth object), replaces the data loader by Poisson sampling, and wraps
-the optimizer in its ``DPOptimizer`` family (flat / per-layer / adaptive clipping, the
-``Distributed*`` variants when the module is DDP/DPDDP-wrapped: noise is added once, on rank 0,
-before the all-reduce). ``DPOptimizer.step`` clips, sums, noises, scales and only then calls the
-wrapped optimizer's ``step()`` *without a closure*, so a distopt recipe sees nothing but the
-private gradient: any recipe is post-processing.
+criterion wrapper as a fourth object; ``ghost_bk``: distopt's single-backward book-keeping
+variant, :mod:`distopt.privacy.book_keeping`, on Opacus' ghost optimizer and accountant),
+replaces the data loader by Poisson sampling, and wraps the optimizer in its ``DPOptimizer``
+family (flat / per-layer / adaptive clipping, the ``Distributed*`` variants when the module is
+DDP/DPDDP-wrapped: noise is added once, on rank 0, before the all-reduce). ``DPOptimizer.step``
+clips, sums, noises, scales and only then calls the wrapped optimizer's ``step()`` *without a
+closure*, so a distopt recipe sees nothing but the private gradient: any recipe is post-processing.
 
 distopt adds, on the Opacus optimizer object itself (its class is swapped for a subclass with
 :class:`PrivateOptimizerMixin`, so it stays an Opacus ``DPOptimizer`` for Opacus' own tools such
@@ -48,8 +49,11 @@ from torch import nn
 
 from distopt.privacy.accounting import ACCOUNTANTS, PrivacyState, check_delta, opacus, resolve_noise_multiplier
 from distopt.privacy.bias_correction import DEFAULT_FLOOR, _name, check_bias_correction, install_bias_correction
+from distopt.privacy.book_keeping import book_keeping_engine
+from distopt.privacy.in_place_noise import InPlaceNoiseMixin
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "ghost_bk", "functorch", "ew")
+CRITERION_MODES = ("ghost", "ghost_bk")  # modes that return a criterion wrapper
 CLIPPING = ("flat", "per_layer", "adaptive")
 
 
@@ -161,9 +165,9 @@ class PrivateOptimizerMixin:
 
 
 @functools.lru_cache(maxsize=None)
-def private_class(base: type) -> type:
-    """``base`` (an Opacus DPOptimizer class) with :class:`PrivateOptimizerMixin` in front."""
-    return type(f"Private{base.__name__}", (PrivateOptimizerMixin, base), {"__module__": __name__})
+def private_class(base: type, *mixins: type) -> type:
+    """``base`` (an Opacus DPOptimizer class) with :class:`PrivateOptimizerMixin` (and ``mixins``) in front."""
+    return type(f"Private{base.__name__}", (PrivateOptimizerMixin, *mixins, base), {"__module__": __name__})
 
 
 def _check_max_grad_norm(max_grad_norm: Any, clipping: str) -> None:
@@ -201,7 +205,9 @@ def make_private(
     Returns ``(module, optimizer, data_loader)`` like ``PrivacyEngine.make_private``, or
     ``(module, optimizer, criterion, data_loader)`` with ``grad_sample_mode="ghost"`` (use the
     returned criterion for the loss: its ``backward()`` runs ghost clipping's two passes; it
-    wraps ``criterion``, by default ``nn.CrossEntropyLoss()`` as in Opacus).
+    wraps ``criterion``, by default ``nn.CrossEntropyLoss()`` as in Opacus) and with
+    ``grad_sample_mode="ghost_bk"`` (the same objects and gradients, but ``backward()`` is one
+    pass: book-keeping ghost clipping, :mod:`distopt.privacy.book_keeping`; flat clipping, no DDP).
 
     Give exactly one of ``noise_multiplier`` (σ) or ``target_epsilon`` with ``epochs`` (σ from
     Opacus' ``get_noise_multiplier`` with the chosen ``accountant``). ``budget=ε_max`` refuses
@@ -239,18 +245,21 @@ def make_private(
     privacy = PrivacyState(None, sample_rate=sample_rate, target_delta=target_delta, budget=budget,  # validates budget
                            noise_multiplier=sigma, max_grad_norm=0.0, generator=noise_generator)
 
-    engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
+    engine_class = book_keeping_engine() if grad_sample_mode == "ghost_bk" else PrivacyEngine
+    engine = engine_class(accountant=accountant, secure_mode=secure_mode)
     kwargs = dict(module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=sigma,
-                  max_grad_norm=max_grad_norm, clipping=clipping, grad_sample_mode=grad_sample_mode,
-                  poisson_sampling=poisson_sampling, loss_reduction=loss_reduction, noise_generator=noise_generator)
-    if grad_sample_mode == "ghost":
+                  max_grad_norm=max_grad_norm, clipping=clipping, poisson_sampling=poisson_sampling,
+                  grad_sample_mode="ghost" if grad_sample_mode == "ghost_bk" else grad_sample_mode,
+                  loss_reduction=loss_reduction, noise_generator=noise_generator)
+    if grad_sample_mode in CRITERION_MODES:
         kwargs["criterion"] = criterion if criterion is not None else nn.CrossEntropyLoss(reduction=loss_reduction)
     elif criterion is not None:
-        raise ValueError("make_private: criterion= is only used with grad_sample_mode='ghost'")
+        raise ValueError("make_private: criterion= is only used with grad_sample_mode='ghost' or 'ghost_bk'")
     out = engine.make_private(**kwargs, **opacus_kwargs)
 
     dp_optimizer = out[1]
-    dp_optimizer.__class__ = private_class(type(dp_optimizer))
+    lean = (InPlaceNoiseMixin,) if grad_sample_mode == "ghost_bk" else ()  # no full-size copies in the step
+    dp_optimizer.__class__ = private_class(type(dp_optimizer), *lean)
     privacy.accountant = engine.accountant
     privacy.sample_rate = 1.0 / len(out[-1])  # what the engine attached to its accounting hook
     privacy.max_grad_norm = float(dp_optimizer.max_grad_norm)

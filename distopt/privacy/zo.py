@@ -19,17 +19,17 @@ How it plugs in (two update paths, one privacy mechanism).
   ``zo_sgd_momentum``, ``zo_sgd_sign``, ``lozo``, ``sparse_mezo``, ``hizoo``) keeps its own
   directions (counter-based, low-rank, masked, Hessian-scaled), perturbation mode and chain. DP-ZO
   runs the recipe's probe with a closure that returns *per-example* losses, turns them into
-  per-example scalar vectors with the recipe's own estimator (``est.scalars`` is linear in the
-  losses, so it is applied to the loss vectors directly), privatizes them, and applies the step
-  with the private scalars (``probe.scalars``): everything the recipe does after the scalars is
-  post-processing. A recipe with m > 1 scalars per step (n perturbations, or HiZOO's n gradient
+  per-example scalar vectors with the recipe's own estimator (linear in the losses, so it is
+  applied to the loss vectors directly), privatizes them, and applies the step with the private
+  scalars: everything the recipe does after the scalars is post-processing. A recipe with m > 1 scalars per step (n perturbations, or HiZOO's n gradient
   + n curvature terms, which also update its Hessian state) is privatized as one vector: each
   example's m-vector is clipped to L2 norm C and N(0, σ²C² I_m) is added, the Gaussian mechanism
   with the same sensitivity C (m = 1 is the [-C, C] clip above). Refused: ``zo_sgd_cons`` (its
   ``decide`` picks among candidate steps with extra, non-private loss evaluations) and a recipe
   built with its own ``process_group`` (use ``make_private_zo(..., distributed=True)``).
-  This path uses the ZO shell's step internals (``_new_probe``, ``_probe``, ``_apply``); the
-  tests run it for every registered zeroth-order recipe, so a change there fails loudly.
+  This path is the shell's public :meth:`~distopt.zo.ZOOptimizer.step_per_example` (the closure
+  returns per-example losses; ``reduce`` maps the (batch, m) per-example scalars to the step's m
+  scalars); the tests run it for every registered zeroth-order recipe.
 - Any optimizer with ``closure_kind == "backward"`` (a distopt recipe or torch optimizer) can be
   the update rule of a self-contained two-point estimator (:class:`TwoPointEstimator`:
   ``perturb_(seed, scale)`` in place, ``per_example_scalars(closure, seed)``): the private
@@ -175,7 +175,7 @@ class DPZeroOrderOptimizer(torch.optim.Optimizer):
             raise ValueError("DP-ZO: step(closure) needs a closure returning per-example losses (no backward)")
         self.privacy.check_next_step(self.noise_multiplier)
         if self.shell:
-            loss = _shell_step(self.original_optimizer, closure, self._privatize)
+            loss = self.original_optimizer.step_per_example(lambda: _per_example(closure()), self._privatize)
         else:
             seed = self._seed()
             scalars, loss = self.estimator.per_example_scalars(closure, seed)
@@ -207,53 +207,6 @@ class DPZeroOrderOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"DPZeroOrderOptimizer({self.original_optimizer!r}, σ={self.noise_multiplier:.4g}, C={self.max_grad_norm:g})"
-
-
-def _shell_step(opt: Any, closure: Callable[[], Tensor], privatize: Callable[[Tensor], list[float]]) -> Tensor:
-    """One step of a :class:`distopt.zo.ZOOptimizer` with privatized scalars (see module docstring):
-    the shell's own ``step`` with the per-example loss vectors kept and ``probe.scalars`` replaced."""
-    from distopt.zo.estimator import Losses
-    from distopt.zo.evaluate import InPlace
-    from distopt.zo.layout import build_slots
-    from distopt.zo.replay import ZOStepRecord
-
-    with torch.no_grad():
-        slots = build_slots(opt.param_groups)
-        if not slots:
-            return closure()
-        states = opt._states(slots)
-        probe = opt._new_probe(states)
-        prepared = opt._prepare_estimators(slots, states, probe)  # one estimator, or {group: estimator}
-        est = next(iter(prepared.values())) if isinstance(prepared, dict) else prepared
-        inplace = InPlace(slots, opt.chunk_size) if opt._mode(slots) == "in_place" else None
-        captured: list[Tensor] = []
-
-        def mean_loss() -> Tensor:  # the shell reads a float; the per-example vector is kept here
-            losses = _per_example(closure())
-            captured.append(losses)
-            return losses.mean()
-
-        try:
-            _, loss = opt._probe(mean_loss, slots, states, probe, prepared, inplace)
-        finally:
-            if inplace is not None:
-                inplace.restore()
-                opt._after_forward()
-        center = est.needs_center or opt.needs_center or not probe.two_sided
-        per_probe = 2 if probe.two_sided else 1
-        if len(captured) != int(center) + per_probe * probe.n:
-            raise RuntimeError(f"DP-ZO: {opt.name} evaluated the closure {len(captured)} times, expected "
-                               f"{int(center) + per_probe * probe.n}; the zeroth-order shell changed")
-        rest = captured[int(center):]
-        losses = Losses(captured[0] if center else None, rest[0::per_probe],
-                        rest[1::per_probe] if probe.two_sided else None)
-        per_example = torch.stack([torch.as_tensor(v) for v in est.scalars(probe, losses)], dim=1)  # (batch, m)
-        probe.scalars = privatize(per_example.double())
-        opt._apply(slots, states, probe, 1.0)
-        if opt.log is not None:
-            opt.log.steps.append(ZOStepRecord(probe.step, probe.seed, list(probe.scalars),
-                                              [float(g["lr"]) for g in opt.param_groups], 1.0))
-    return torch.tensor(loss, dtype=torch.float64)
 
 
 def _zo_refusal(optimizer: Any) -> str | None:

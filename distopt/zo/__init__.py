@@ -12,7 +12,12 @@
 - :mod:`~distopt.zo.optimizer`: the optimizer shell of the family;
 - :mod:`~distopt.zo.replay`: the seed-replay log; :mod:`~distopt.zo.distributed`: data-parallel
   ZO (``process_group=``, 8·n bytes a step); :mod:`~distopt.zo.memory`: exact live-byte counter;
-- ``distopt.zo.hf``: ``ZOTrainer`` for Hugging Face transformers (imported on demand).
+- ``distopt.zo.hf``: ``ZOTrainer`` for Hugging Face transformers (imported on demand);
+  :mod:`~distopt.zo.lm_task`: the example fine-tuning task (``examples/zo_finetune_llm.py``,
+  ``distopt bench zo --convergence``).
+
+A step with per-example losses and a custom reduction of the scalars (DP-ZO's clip and noise):
+``opt.step_per_example(closure, reduce)``.
 """
 from __future__ import annotations
 

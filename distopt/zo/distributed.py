@@ -12,6 +12,15 @@ default group). :class:`CommCounter` counts the bytes each optimizer sends throu
 collective calls (``optimizer.comm``). Other scalar counts: hizoo 2n (the curvature terms),
 zo_sgd_cons n + 3 (the three candidate losses, so every rank takes the same decision).
 
+Through the usual wrappers (tests/distributed/test_zo_data_parallel.py, 2 CPU ranks, the profiler's
+record of every collective shows only the scalar all-reduces): DDP (the closure calls the
+``DistributedDataParallel`` module under ``no_grad``, so its reducer never runs); Accelerate
+(``accelerator.prepare(model, opt, loader)``: ``AcceleratedOptimizer.step(closure)`` forwards the
+closure, the prepared loader gives each rank its shard); DeepSpeed through
+``distopt.integrations.deepspeed.initialize(model=..., optimizer=opt, config=...)`` (ZeRO stage 0,
+or 3; the engine gets no optimizer and the recipe averages over the engine's data-parallel group;
+stages 1/2 are refused); the Hugging Face :class:`distopt.zo.hf.ZOTrainer` under torchrun.
+
 Sharded parameters work the same way, every rank perturbing and updating only what it holds,
 with directions keyed by global element offsets: FSDP2 (``fully_shard``; DTensor ``Shard(0)``;
 pass ``model=`` the root so it is resharded between perturbed forwards) and DeepSpeed ZeRO-3

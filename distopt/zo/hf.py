@@ -12,7 +12,11 @@ forward passes only.
 ``backward``. The optimizer the Trainer holds is a proxy sharing the recipe's ``param_groups``
 (the Trainer's LR scheduler drives the recipe's lr) whose ``step()`` does nothing: the step has
 already happened inside ``training_step``. Under ``torchrun`` with several processes the recipe
-averages its scalars over the default process group (8·n bytes a step, no gradient all-reduce).
+averages its scalars over the default process group (8·n bytes a step, no gradient all-reduce: the
+Trainer's DDP wrapper only runs forwards under ``no_grad``); each rank evaluates its shard of the
+global batch, so the trajectory is that of one process on the union (tests/distributed/
+test_zo_data_parallel.py: 2 CPU ranks, float64, 1e-12, with ``train_sampling_strategy="sequential"``
+so the reference sees the same batches).
 Weights stay in their dtype (bf16/fp16 perturbations are rounded in the weight dtype); the
 losses and scalars are float64 Python numbers. Gradient accumulation is refused (a ZO step per
 micro-batch is the ZO analogue; set ``gradient_accumulation_steps=1``); DeepSpeed / FSDP through

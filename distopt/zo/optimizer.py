@@ -58,6 +58,10 @@ ZO_HYPER: dict[str, Hyper] = {
 }
 STEP_WIDE = ("eps", "n", "two_sided", "distribution", "seed")
 PERTURBATIONS = ("auto", "on_use", "in_place")
+#: checks run before a step when the param lists changed (filled by ``distopt/__init__``: DeepSpeed
+#: ZeRO-1/2's flat fp32 partitions are refused). Not the shell's STEP_HOOKS: a zeroth-order recipe
+#: handles DTensor shards itself and must not be delegated.
+ZO_STEP_HOOKS: list[Callable[[DistOptimizer], Any]] = []
 
 
 class ZOOptimizer(DistOptimizer):
@@ -83,6 +87,7 @@ class ZOOptimizer(DistOptimizer):
         self.chunk_size = chunk_size
         self.model = model
         self.comm = CommCounter()
+        self._per_example = False
         self.log: ZOLog | None = header(self) if record else None
         self._step_wide()
 
@@ -141,7 +146,7 @@ class ZOOptimizer(DistOptimizer):
                 reshard()
 
     def _evaluate(self, closure: Callable[[], Any], slots: list[Slot], pert: Perturbation | None,
-                  inplace: InPlace | None) -> float:
+                  inplace: InPlace | None) -> float | Tensor:
         if pert is None:
             if inplace is not None:
                 inplace.restore()
@@ -159,6 +164,8 @@ class ZOOptimizer(DistOptimizer):
                     "perturbation had no effect (a torch.compile'd model, or a wrapper that copies parameters?); "
                     "construct the optimizer with perturbation='in_place'")
         self._after_forward()
+        if self._per_example:
+            return _loss_vector(value)
         return float(value)
 
     def _average(self, values: list[float], slots: list[Slot]) -> list[float]:
@@ -167,7 +174,7 @@ class ZOOptimizer(DistOptimizer):
         return self.comm.all_reduce_mean(values, self.process_group, slots[0].local.device)
 
     def _probe(self, closure: Callable[[], Any], slots: list[Slot], states: list[dict], probe: Probe,
-               ests: dict[int, ZOEstimate], inplace: InPlace | None) -> tuple[Losses, float]:
+               ests: dict[int, ZOEstimate], inplace: InPlace | None) -> tuple[Losses, Any]:
         by_index = {s.index: st for s, st in zip(slots, states)}
         est = next(iter(ests.values()))
         center = None
@@ -274,16 +281,49 @@ class ZOOptimizer(DistOptimizer):
                 f"{self.name}: step() needs a closure that returns the loss (closure_kind='forward'): a "
                 "zeroth-order step evaluates the loss at perturbed parameters, e.g. "
                 "opt.step(lambda: loss_fn(model(x), y)); no backward() is needed")
+        self._step_delegate(ZO_STEP_HOOKS)
+        loss = self._step(closure, None)
+        return torch.tensor(loss, dtype=torch.float64)
+
+    @torch.no_grad()
+    def step_per_example(self, closure: Callable[[], Tensor], reduce: Callable[[Tensor], list[float]]) -> Tensor:
+        """One step whose ``closure`` returns the per-example losses (shape ``(B,)``) and whose scalars
+        are ``reduce(per_example)``, where ``per_example`` (float64, shape ``(B, m)``) holds each
+        example's m scalars from the recipe's estimator (which is linear in the losses, so it applies
+        to the loss vectors as it does to their means). ``reduce`` returns the m scalars of the step:
+        the column means give :meth:`step` on the mean loss; DP-ZO clips and noises here
+        (:mod:`distopt.privacy.zo`). Everything after the scalars (directions, chain, log) is the
+        recipe's own. ``process_group`` is not applied: ``reduce`` owns the aggregation. A recipe
+        that evaluates more than its probes (``decide``, the conservative step) is refused.
+        Returns the mean loss."""
+        if type(self).decide is not ZOOptimizer.decide:
+            raise ValueError(f"{self.name}: step_per_example() cannot run a recipe that decides among candidate "
+                             "steps with extra loss evaluations (decide); use zo_sgd or another recipe")
+        self._step_delegate(ZO_STEP_HOOKS)
+        self._per_example = True
+        try:
+            loss = self._step(closure, reduce)
+        finally:
+            self._per_example = False
+        return loss.mean()
+
+    def _step(self, closure: Callable[[], Any], reduce: Callable[[Tensor], list[float]] | None) -> Any:
         slots = build_slots(self.param_groups)
         if not slots:
-            return closure()
+            value = closure()
+            return _loss_vector(value) if reduce is not None else float(value)
         states = self._states(slots)
         probe = self._new_probe(states)
         ests = self._prepare_estimators(slots, states, probe)
         inplace = InPlace(slots, self.chunk_size) if self._mode(slots) == "in_place" else None
         try:
             losses, loss = self._probe(closure, slots, states, probe, ests, inplace)
-            probe.scalars = self._average(next(iter(ests.values())).scalars(probe, losses), slots)
+            scalars = next(iter(ests.values())).scalars(probe, losses)
+            if reduce is None:
+                probe.scalars = self._average(scalars, slots)
+            else:
+                per_example = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in scalars], dim=1)
+                probe.scalars = [float(v) for v in reduce(per_example)]
             factor = self.decide(closure, slots, states, probe, losses, inplace)
         finally:
             if inplace is not None:
@@ -293,7 +333,7 @@ class ZOOptimizer(DistOptimizer):
         if self.log is not None:
             self.log.steps.append(ZOStepRecord(probe.step, probe.seed, list(probe.scalars),
                                                [float(g["lr"]) for g in self.param_groups], factor))
-        return torch.tensor(loss, dtype=torch.float64)
+        return loss
 
     @torch.no_grad()
     def replay_step(self, record: ZOStepRecord) -> None:
@@ -311,9 +351,17 @@ class ZOOptimizer(DistOptimizer):
         self._apply(slots, states, probe, record.choice)
 
 
+def _loss_vector(value: Any) -> Tensor:
+    """Per-example losses as a flat float64 tensor (for :meth:`ZOOptimizer.step_per_example`)."""
+    losses = torch.as_tensor(value).detach().reshape(-1).to(torch.float64)
+    if losses.numel() < 1:
+        raise ValueError("step_per_example: the closure returned no losses; it must return one loss per example")
+    return losses
+
+
 def zo_hyper(**extra: Hyper) -> dict[str, Hyper]:
     """The shared zeroth-order hyperparameters plus a recipe's own."""
     return {**ZO_HYPER, **extra}
 
 
-__all__ = ["DEFAULT_CHUNK", "PERTURBATIONS", "STEP_WIDE", "ZOOptimizer", "ZO_HYPER", "zo_hyper"]
+__all__ = ["DEFAULT_CHUNK", "PERTURBATIONS", "STEP_WIDE", "ZOOptimizer", "ZO_HYPER", "ZO_STEP_HOOKS", "zo_hyper"]

@@ -46,3 +46,36 @@ def test_best_cell_is_chosen_on_validation() -> None:
     ]
     best = dp.best_cells(records)
     assert best[("a", 1.0)]["lr"] == 0.2 and best[("a", 1.0)]["test"] == 0.4
+
+
+def test_cost_modes_parse() -> None:
+    args = build_parser().parse_args(["bench", "dp", "--skip-accuracy", "--mode", "ghost_bk", "--cost-repeats", "2"])
+    assert args.mode == "ghost_bk" and args.cost_repeats == 2
+
+
+def test_peak_meter_counts_what_is_allocated_after_start() -> None:
+    import torch
+
+    meter = dp._Peak()
+    meter.start()
+    if not meter.exact:
+        pytest.skip("no /proc/self/clear_refs here: the meter falls back to ru_maxrss, whose peak cannot be reset")
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del block
+    assert 60 * 2**20 < meter.peak() < 200 * 2**20
+    meter.start()  # the peak is reset: the freed block does not count again
+    assert meter.peak() < 32 * 2**20
+
+
+def test_cost_rows_for_every_mode_and_the_hooks_skip(capsys) -> None:
+    settings = dp.Settings(cost_steps=2, cost_repeats=1)
+    rows = dp.cost(settings, workloads=[dp.CostWorkload("digits_mlp", 64, "")])
+    assert [r["mode"] for r in rows] == list(dp.COST_MODES)
+    for r in rows:
+        assert r["workload"] == "digits_mlp" and r["step_ms"] >= r["fwd_bwd_ms"] > 0 and r["peak_mb"] > 0
+        assert (r["noise_ms"] > 0) == (r["mode"] != "non-private")
+    skipped = dp.cost(settings, modes=("hooks",), workloads=[dp.CostWorkload("wide_mlp", 256, "")])
+    assert skipped[0]["skipped"].startswith("per-sample gradients need 9.6 GiB")
+    dp.print_cost(rows + skipped, plain=True)
+    out = capsys.readouterr().out
+    assert "ghost_bk" in out and "skipped" in out and "memory vs np" in out

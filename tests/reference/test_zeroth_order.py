@@ -27,13 +27,7 @@ from parity import RESULTS, groups_of, loss_at, make_params, max_rel_deviation
 STEPS = 100
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two OpenMP threads on a shared 2-core machine spin against other work: much slower here."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,13 +9,7 @@ from distopt.bench import ablation, runner
 from distopt.bench.workloads import make_workload
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread, as the benchmark's runs use: on a busy 2-core machine two OpenMP threads wait on each other."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
