@@ -10,8 +10,12 @@ gradient, i.e. one extra copy of the model at the step's peak (the 1.20× peak m
 generator, same float operations ``summed + noise`` then ``/ B``) in the gradient's own storage:
 
     summed_grad := p.grad            (aliased; copied only when a virtual step follows, see below)
-    summed_grad += N(0, σ²C²)        (one noise tensor alive at a time, the largest parameter's size)
+    summed_grad += N(0, σ²C²)        (drawn into one scratch buffer the size of the largest parameter,
+                                      reused for every parameter: the same draws as Opacus' per-parameter
+                                      ``torch.normal``, without its zero-filled allocations)
     p.grad := summed_grad; p.grad /= B
+
+``secure_mode`` keeps Opacus' own ``_generate_noise`` (its 2n-sample construction).
 
 A skipped (virtual) step of ``BatchMemoryManager`` keeps a copy, since the user's
 ``zero_grad`` may clear ``p.grad`` in place before the next micro-batch adds to the sum.
@@ -35,14 +39,36 @@ class InPlaceNoiseMixin:
     def add_noise(self: Any) -> None:
         from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
-        sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        scratch = _Scratch()
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = _generate_noise(std=sigma * self.max_grad_norm, reference=p.summed_grad,
-                                    generator=self.generator, secure_mode=self.secure_mode)
-            p.grad = p.summed_grad.add_(noise).view_as(p)
-            del noise
+            if std == 0:  # Opacus adds zeros
+                pass
+            elif self.secure_mode:
+                p.summed_grad.add_(_generate_noise(std=std, reference=p.summed_grad, generator=self.generator,
+                                                   secure_mode=True))
+            else:  # the draws of Opacus' torch.normal(0, std, size, generator=...), into reused memory
+                p.summed_grad.add_(scratch.like(p.summed_grad).normal_(0, std, generator=self.generator))
+            p.grad = p.summed_grad.view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+class _Scratch:
+    """One buffer per (device, dtype), grown to the largest parameter and reused for every noise draw
+    of a step (Opacus allocates, and zero-fills, a new tensor per parameter)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, Any] = {}
+
+    def like(self, t: Any) -> Any:
+        key = (t.device, t.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < t.numel():
+            import torch
+
+            buf = self.buffers[key] = torch.empty(t.numel(), device=t.device, dtype=t.dtype)
+        return buf[: t.numel()].view(t.shape)
 
 
 __all__ = ["InPlaceNoiseMixin"]
