@@ -9,9 +9,11 @@ every weight-gradient kernel (no parameter gradient, no second pass; ``requires_
 touched; holding edges, not outputs, keeps no output alive and reads g before any in-place op).
 Then, per sample i and layer, with ``G_i = g_iᵀ a_i``:
 
-- ghost norm ``‖G_i‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s)`` when ``T(d+p) ≤ d·p`` (cost T²(d+p)), else the
-  per-sample gradients G_i themselves (cost T·d·p; then B·d·p < B·T·(d+p): they are kept instead
-  of a and g); ``‖g_i‖²‖a_i‖²`` when T = 1; bias ``‖Σ_t g_t‖²``;
+- ghost norm ``‖G_i‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s)`` when ``T(d+p) < d·p`` (cost T²(d+p); layers
+  reading the same input share its Gram matrix), else the per-sample gradients G_i themselves
+  (cost T·d·p, the weight gradient's own matmul; then B·d·p ≤ B·T·(d+p): they are kept instead of
+  a and g, so the ghost norm is used only where it saves memory); ``‖g_i‖²‖a_i‖²`` when T = 1;
+  bias ``‖Σ_t g_t‖²``;
 - ``‖∇ℓ_i‖ = sqrt(Σ_layers ‖G_i‖²)`` and Opacus' flat coefficient ``c_i = min(1, C / (‖∇ℓ_i‖ + 1e-6))``;
 - ``p.grad = Σ_i c_i G_i``: ``(c ⊙ g)ᵀ a``, one matmul per layer as the non-private weight
   gradient (book-keeping), or ``c · G`` where G was kept.
