@@ -33,3 +33,12 @@ def optional(module: str) -> ModuleType | None:
         return importlib.import_module(module)
     except ImportError:
         return None
+
+
+def pyplot() -> ModuleType | None:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or ``None`` without matplotlib."""
+    mpl = optional("matplotlib")
+    if mpl is None:
+        return None
+    mpl.use("Agg")
+    return importlib.import_module("matplotlib.pyplot")

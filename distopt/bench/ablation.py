@@ -40,7 +40,7 @@ import distopt
 from distopt.accumulators.factored import FactoredSecondMoment
 from distopt.accumulators.moments import FirstMoment, SecondMoment
 from distopt.accumulators.nesterov_first_moment import NesterovFirstMoment
-from distopt.bench import optional, stats
+from distopt.bench import pyplot, stats
 from distopt.bench.table import render_table
 from distopt.core.operator import Operator, Stage
 from distopt.preconditioners.apply import ApplyLR
@@ -270,11 +270,9 @@ def write(result: dict[str, Any], out: Path, plain: bool = False) -> list[Path]:
 
 
 def _heatmap(result: dict[str, Any], path: Path) -> bool:
-    mpl = optional("matplotlib")
-    if mpl is None:
+    plt = pyplot()
+    if plt is None:
         return False
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt
 
     grid = [[result["cells"].get(f"{p}|{phi}", {}).get("test_mean", math.nan) for phi in PHI_CHOICES] for p in P_CHOICES]
     fig, ax = plt.subplots(figsize=(6, 4.5))

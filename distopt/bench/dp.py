@@ -282,9 +282,9 @@ def _cost_setup(name: str, batch_size: int, device: torch.device) -> tuple[Any, 
 
         register_layer(RMSNorm, "rms_norm")  # the LM's RMSNorm computes F.rms_norm(x, (d,), weight, eps)
         w = llama_char("cpu")
-        if name == "llama_wide":
-            w.context, w.batch_size, w.build = LLAMA_WIDE["context"], batch_size, lambda seed: (  # type: ignore[method-assign]
-                torch.manual_seed(seed), Llama(128, **LLAMA_WIDE))[1]
+        w.batch_size = batch_size
+        if name == "llama_wide":  # the same data and model family, wider (build() seeds, then calls _model_fn)
+            w.context, w._model_fn = LLAMA_WIDE["context"], lambda seed: Llama(128, **LLAMA_WIDE)
         batches = w.batches(0)
         xs, ys = zip(*(next(batches) for _ in range(4)))
         ds = TensorDataset(torch.cat(xs).to(device), torch.cat(ys).to(device))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
-from distopt.bench import optional, stats
+from distopt.bench import pyplot, stats
 from distopt.bench.table import render_table
 
 TAUS = tuple(1 + 0.05 * i for i in range(61))  # τ in [1, 4]
@@ -423,11 +423,9 @@ def write_markdown(a: Analysis, path: Path, meta: dict[str, Any], plots: list[st
 
 def plot_all(a: Analysis, records: list[dict[str, Any]], out: Path) -> list[str]:
     """Write the PNGs; return their file names (empty without matplotlib)."""
-    mpl = optional("matplotlib")
-    if mpl is None or not a.workloads:
+    plt = pyplot() if a.workloads else None
+    if plt is None:
         return []
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt
 
     written = []
     for name, fn in (("curves.png", _plot_curves), ("lr_sensitivity.png", _plot_sensitivity),

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from distopt.bench import optional
+from distopt.bench import pyplot
 from distopt.bench.stats import median
 
 REFERENCE = "adamw"
@@ -112,15 +112,16 @@ class _Task:
         from distopt.zo.lm_task import build_task, eval_batch, stack
 
         self.cfg, self.seed = cfg, seed
-        _, train, held_out = build_task(cfg.hidden, cfg.layers, cfg.length, seed)
+        model, train, held_out = build_task(cfg.hidden, cfg.layers, cfg.length, seed)
+        self.vocab_size = model.config.vocab_size
         self.train = stack(train, range(len(train)), cfg.device)
         self.eval = eval_batch(held_out, cfg.device, cfg.eval_examples)
 
     def model(self) -> torch.nn.Module:
-        from distopt.zo.lm_task import build_task
+        """A fresh copy of the task's model (the same seeded init as :func:`build_task`'s)."""
+        from distopt.zo.lm_task import llama_from_config
 
-        model, _, _ = build_task(self.cfg.hidden, self.cfg.layers, self.cfg.length, self.seed)
-        return model.to(self.cfg.device)
+        return llama_from_config(self.vocab_size, self.cfg.hidden, self.cfg.layers, self.seed).to(self.cfg.device)
 
     def batches(self) -> Callable[[], dict[str, torch.Tensor]]:
         """Random batches without replacement within an epoch, the same sequence for every run of the seed."""
@@ -307,11 +308,9 @@ def _json_safe(x: Any) -> Any:
 
 def plot(result: dict[str, Any], path: Path) -> bool:
     """Held-out loss vs step and vs forward-equivalents (log x), mean over seeds; best lr bold."""
-    mpl = optional("matplotlib")
-    if mpl is None:
+    plt = pyplot()
+    if plt is None:
         return False
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt
 
     best = {(r["method"], r["lr"]) for r in result["summary"]}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)

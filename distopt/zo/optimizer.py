@@ -87,7 +87,6 @@ class ZOOptimizer(DistOptimizer):
         self.chunk_size = chunk_size
         self.model = model
         self.comm = CommCounter()
-        self._per_example = False
         self.log: ZOLog | None = header(self) if record else None
         self._step_wide()
 
@@ -146,7 +145,9 @@ class ZOOptimizer(DistOptimizer):
                 reshard()
 
     def _evaluate(self, closure: Callable[[], Any], slots: list[Slot], pert: Perturbation | None,
-                  inplace: InPlace | None) -> float | Tensor:
+                  inplace: InPlace | None, read: Callable[[Any], Any] = float) -> Any:
+        """``read(closure())`` at θ + pert (θ when ``pert`` is None): a float, or with
+        :meth:`step_per_example` the per-example loss vector."""
         if pert is None:
             if inplace is not None:
                 inplace.restore()
@@ -164,9 +165,7 @@ class ZOOptimizer(DistOptimizer):
                     "perturbation had no effect (a torch.compile'd model, or a wrapper that copies parameters?); "
                     "construct the optimizer with perturbation='in_place'")
         self._after_forward()
-        if self._per_example:
-            return _loss_vector(value)
-        return float(value)
+        return read(value)
 
     def _average(self, values: list[float], slots: list[Slot]) -> list[float]:
         if self.process_group is None or self.process_group is False:
@@ -174,18 +173,20 @@ class ZOOptimizer(DistOptimizer):
         return self.comm.all_reduce_mean(values, self.process_group, slots[0].local.device)
 
     def _probe(self, closure: Callable[[], Any], slots: list[Slot], states: list[dict], probe: Probe,
-               ests: dict[int, ZOEstimate], inplace: InPlace | None) -> tuple[Losses, Any]:
+               ests: dict[int, ZOEstimate], inplace: InPlace | None,
+               read: Callable[[Any], Any] = float) -> tuple[Losses, Any]:
         by_index = {s.index: st for s, st in zip(slots, states)}
         est = next(iter(ests.values()))
         center = None
         if est.needs_center or self.needs_center or not probe.two_sided:
-            center = self._evaluate(closure, slots, None, inplace)
+            center = self._evaluate(closure, slots, None, inplace, read)
         plus, minus = [], []
         for k in range(probe.n):
-            plus.append(self._evaluate(closure, slots, DirectionShift(ests, probe, k, probe.eps, by_index), inplace))
+            plus.append(self._evaluate(closure, slots, DirectionShift(ests, probe, k, probe.eps, by_index), inplace,
+                                       read))
             if probe.two_sided:
                 minus.append(self._evaluate(closure, slots, DirectionShift(ests, probe, k, -probe.eps, by_index),
-                                            inplace))
+                                            inplace, read))
         if center is not None:
             loss = center
         else:
@@ -300,24 +301,19 @@ class ZOOptimizer(DistOptimizer):
             raise ValueError(f"{self.name}: step_per_example() cannot run a recipe that decides among candidate "
                              "steps with extra loss evaluations (decide); use zo_sgd or another recipe")
         self._step_delegate(ZO_STEP_HOOKS)
-        self._per_example = True
-        try:
-            loss = self._step(closure, reduce)
-        finally:
-            self._per_example = False
-        return loss.mean()
+        return self._step(closure, reduce).mean()
 
     def _step(self, closure: Callable[[], Any], reduce: Callable[[Tensor], list[float]] | None) -> Any:
+        read = float if reduce is None else _loss_vector
         slots = build_slots(self.param_groups)
         if not slots:
-            value = closure()
-            return _loss_vector(value) if reduce is not None else float(value)
+            return read(closure())
         states = self._states(slots)
         probe = self._new_probe(states)
         ests = self._prepare_estimators(slots, states, probe)
         inplace = InPlace(slots, self.chunk_size) if self._mode(slots) == "in_place" else None
         try:
-            losses, loss = self._probe(closure, slots, states, probe, ests, inplace)
+            losses, loss = self._probe(closure, slots, states, probe, ests, inplace, read)
             scalars = next(iter(ests.values())).scalars(probe, losses)
             if reduce is None:
                 probe.scalars = self._average(scalars, slots)

@@ -80,6 +80,14 @@ def make_data(kind: str, t: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 MODELS = {"mlp": mlp, "cnn": cnn, "lm": TinyLM}
 
 
+def unpadded_lm() -> TinyLM:
+    """TinyLM in float64 without a padding index, for comparisons with Opacus' ghost clipping (see
+    test_opacus_ghost_overestimates_norms_with_padding)."""
+    model = TinyLM().double()
+    model.embed.padding_idx = None
+    return model
+
+
 def _loss(out: torch.Tensor, y: torch.Tensor, criterion=None, reduction: str = "mean"):
     if out.dim() == 3:  # a sequence: one privacy unit per sequence (Opacus' shape= convention)
         if criterion is not None:
@@ -251,8 +259,7 @@ def test_unsupported_layer_is_refused_with_the_alternatives() -> None:
 
 
 def test_noised_step_equals_opacus_ghost_with_the_same_generator() -> None:
-    base = TinyLM().double()
-    base.embed.padding_idx = None  # see test_opacus_ghost_overestimates_norms_with_padding
+    base = unpadded_lm()
     x, y = make_data("lm", 6)
     after = {}
     for mode in ("ghost", "ghost_bk"):
@@ -324,8 +331,7 @@ def test_a_layer_off_the_loss_path_gets_a_zero_gradient_and_eval_forward_is_refu
 
 
 def test_bias_corrected_adam_training_and_checkpoint_equal_opacus_ghost() -> None:
-    base = TinyLM().double()
-    base.embed.padding_idx = None  # see test_opacus_ghost_overestimates_norms_with_padding
+    base = unpadded_lm()
     x, y = make_data("lm", 6)
     runs = {}
     for mode in ("ghost", "ghost_bk"):
@@ -352,8 +358,7 @@ def test_noise_is_added_in_place_and_virtual_steps_keep_their_sum() -> None:
     """ghost_bk's step adds the noise in the gradient's own storage (no full-size copy: InPlaceNoiseMixin),
     and with BatchMemoryManager micro-batches (zero_grad(set_to_none=False) in between, which clears
     p.grad in place) the noised step still equals Opacus' ghost with the same generator."""
-    base = TinyLM().double()
-    base.embed.padding_idx = None  # see test_opacus_ghost_overestimates_norms_with_padding
+    base = unpadded_lm()
     x, y = make_data("lm", 6)
     after, aliased = {}, {}
     for mode in ("ghost", "ghost_bk"):
