@@ -219,7 +219,8 @@ class OwnerStep:
                     if e.owner != o or self._len(i, me) == 0:
                         continue
                     g = grads[i]
-                    parts.append(torch.zeros(self._len(i, me), dtype=dtype) if g is None else g.reshape(-1).to(dtype))
+                    parts.append(torch.zeros(self._len(i, me), dtype=dtype, device=e.value.device) if g is None
+                                 else g.reshape(-1).to(dtype=dtype, device=e.value.device))
                     parts.append(e.value.reshape(-1))
                 send.append(torch.cat(parts) if parts else torch.empty(0, dtype=dtype))
             mine = [i for i in idx if self.entries[i].owner == me]

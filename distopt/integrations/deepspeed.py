@@ -44,23 +44,19 @@ locality is wider than elementwise, raises with a pointer to this module). With 
 (which calls ``deepspeed.initialize`` itself) wrap the optimizer first:
 ``accelerator.prepare(model, distopt.integrations.deepspeed.wrap(opt), loader)``.
 
-Zeroth-order recipes (``closure_kind = "forward"``: zo_sgd, hizoo, ...) have no gradient, so there
-is nothing for ZeRO-1/2 to partition and nothing for the engine's ``backward``/``step`` to do.
-:func:`initialize` with a zeroth-order optimizer builds the engine *without* an optimizer (stage 0:
-data-parallel; stage 3: the parameters partitioned in place, ``stage3_param_persistence_threshold:
-0``), points the recipe's ``process_group`` at the engine's data-parallel group (when it was None
-or True), and returns the recipe itself as the optimizer. Train with
-``optimizer.step(lambda: loss_fn(engine(x), y))``, each rank on its own batch: ranks share the seed
-and all-reduce only the n scalars (:mod:`distopt.zo.distributed`); never call ``engine.backward`` /
-``engine.step``. ZeRO stage 1/2 and a config ``"optimizer"``/``"scheduler"`` section are refused
-(DeepSpeed would keep an fp32 master copy of the weights that a zeroth-order step never reaches); so
-is :func:`wrap` of a zeroth-order recipe (Accelerate's DeepSpeed plugin: use its DDP config, where
-``AcceleratedOptimizer.step(closure)`` forwards the closure). tests/distributed/test_zo_data_parallel.py.
+Zeroth-order recipes: :func:`initialize` hands them to :mod:`distopt.integrations.deepspeed_zo`
+(engine without a DeepSpeed optimizer, ZeRO stage 0 or 3, scalar-only data parallelism).
 
-Limits: DeepSpeed's own optimizer-state checkpoint helpers (``safe_get_full_optimizer_state``,
-universal checkpoints) do not see the owner-kept state; ``state_dict()`` of the adapter is this
-rank's shard. CPU offload of the optimizer (``offload_optimizer``) is not supported for
-tensor/matrix recipes.
+Checkpoints. ``engine.save_checkpoint`` / ``engine.load_checkpoint`` resume exactly on the same
+number of ranks and ZeRO stage: the adapter's ``state_dict()`` is this rank's owner-kept state (one
+inner optimizer per group, ZeRO-1/2, or sub-group, ZeRO-3, keyed by that index, with the layout it
+was built for), which DeepSpeed writes to the rank's own optimizer file; ``load_state_dict`` keeps
+it until the owners are rebuilt at the first step and checks rank, world size, stage and layout
+(another world size is refused: resharding needs distopt.distributed.checkpoint, DCP). Limits:
+DeepSpeed's helpers that read the optimizer state by parameter (``safe_get_full_optimizer_state``,
+universal checkpoints) do not see the owner-kept state. ``offload_optimizer: cpu`` (with
+``zero_force_ds_cpu_optimizer: false``) is tested equal to one process on CPU ranks (ZeRO 1/2/3);
+the owner exchange of offloaded fragments goes through the communication device, not tested on GPU.
 """
 from __future__ import annotations
 
@@ -73,6 +69,7 @@ from torch import Tensor
 from distopt.core.operator import Locality
 from distopt.core.shell import DistOptimizer
 from distopt.distributed.owner import Entry, OwnerStep, gather_ranges
+from distopt.integrations.deepspeed_zo import check_zo_config, data_parallel_group, initialize_zo
 
 _HINT = ("use distopt.integrations.deepspeed.initialize(model=..., optimizer=..., config=...) instead of "
          "deepspeed.initialize (same arguments and return values), or pass distopt.integrations.deepspeed.wrap(opt) "
@@ -120,6 +117,7 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
         self.names = dict(names or {})
         self.stage: int | None = None
         self._owners: dict[Any, tuple[OwnerStep, list[Tensor], Tensor]] = {}
+        self._pending: dict[str, tuple[Any, dict[str, Any]]] = {}  # loaded owner state: key -> (layout, state)
         self._ready = True
 
     @property
@@ -171,9 +169,20 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
             value = flat.detach().narrow(0, a, n) if n > 0 else None
             entries.append(Entry(self._name(p, gi, k), tuple(int(s) for s in p.shape), gi, flat.dtype,
                                  [tuple(x) for x in rr], value))
+        return self._owner(f"group{gi}", entries, pg, spans), [flat], flat
+
+    def _owner(self, key: str, entries: list[Entry], pg: Any, spans: list[tuple[int, int]]) -> OwnerStep:
+        """The owner protocol of one group / sub-group, with the state loaded for ``key`` if any."""
         owner = OwnerStep(self.optimizer, entries, pg)
-        owner._spans = spans  # type: ignore[attr-defined]
-        return owner, [flat], flat
+        owner._spans, owner._key = spans, key  # type: ignore[attr-defined]
+        if key in self._pending:
+            layout, state = self._pending.pop(key)
+            if layout != _layout(owner):
+                raise ValueError(f"distopt.integrations.deepspeed: the checkpoint's {key} holds other parameters "
+                                 f"(saved layout {layout}, now {_layout(owner)}); load it into the model and "
+                                 "param groups it was saved from")
+            owner.inner.load_state_dict(state)
+        return owner
 
     def _build_zero3(self, flat: Tensor) -> tuple[OwnerStep, list[Tensor], Tensor]:
         params = [p for ps in self.user_params for p in ps]
@@ -193,9 +202,7 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
             spans.append((off, b - a))
             entries.append(Entry(self._name(p, gi, k), tuple(int(s) for s in p.ds_shape), gi, flat.dtype, ranges, value))
             off += size
-        owner = OwnerStep(self.optimizer, entries, zopt.dp_process_group)
-        owner._spans = spans  # type: ignore[attr-defined]
-        return owner, [flat], flat
+        return self._owner(f"subgroup{sg}", entries, zopt.dp_process_group, spans), [flat], flat
 
     # ------------------------------------------------------------------ optimizer API
     @torch.no_grad()
@@ -235,18 +242,54 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError("distopt.integrations.deepspeed: add param groups before wrapping")
 
     def state_dict(self) -> dict[str, Any]:
-        if self.stage in (None, 0):
+        """The wrapped optimizer's state_dict outside ZeRO (stage 0); else this rank's owner-kept state,
+        per group / sub-group, including state loaded but not yet stepped (module docstring, Checkpoints)."""
+        stage = self.stage if self.stage is not None else self._detect()
+        if stage == 0:
             return self.optimizer.state_dict()
-        return {"distopt_deepspeed": {str(k): o.inner.state_dict() for k, (o, _, _) in self._owners.items()},
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
+        states = {k: state for k, (_, state) in self._pending.items()}  # loaded, not yet stepped
+        layouts = {k: layout for k, (layout, _) in self._pending.items()}
+        for owner, _, _ in self._owners.values():
+            states[owner._key] = owner.inner.state_dict()  # type: ignore[attr-defined]
+            layouts[owner._key] = _layout(owner)  # type: ignore[attr-defined]
+        hypers = [{k: v for k, v in g.items() if k != "params"} for g in self._groups]
+        return {"distopt_deepspeed": states, "layout": layouts, "stage": stage, "rank": _rank(),
+                "world_size": _world(), "param_groups": hypers}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if "distopt_deepspeed" not in state_dict:
             return self.optimizer.load_state_dict(state_dict)
-        raise NotImplementedError("distopt.integrations.deepspeed: restoring owner-kept state is not implemented yet")
+        stage = self.stage if self.stage is not None else self._detect()
+        saved = (state_dict["rank"], state_dict["world_size"], state_dict["stage"])
+        if saved != (_rank(), _world(), stage):
+            raise ValueError(f"distopt.integrations.deepspeed: this optimizer state was saved by rank {saved[0]} of "
+                             f"{saved[1]} (ZeRO stage {'1/2' if saved[2] == 2 else saved[2]}), and this is rank "
+                             f"{_rank()} of {_world()} (stage {'1/2' if stage == 2 else stage}): DeepSpeed "
+                             "checkpoints of owner-kept state resume on the same ranks and stage only; to change the "
+                             "world size, save and load with distopt.distributed.checkpoint (resharding)")
+        if len(state_dict["param_groups"]) != len(self._groups):
+            raise ValueError(f"distopt.integrations.deepspeed: the checkpoint has {len(state_dict['param_groups'])} "
+                             f"param groups, this optimizer {len(self._groups)}")
+        for group, hyper in zip(self._groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in hyper.items() if k != "params"})
+        self._pending = {k: (state_dict["layout"][k], v) for k, v in state_dict["distopt_deepspeed"].items()}
+        self._owners.clear()  # rebuilt at the next step, each taking its loaded state
 
     def __repr__(self) -> str:
         return f"DeepSpeedOptimizer({self.optimizer!r}, zero stage {self.stage})"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _layout(owner: OwnerStep) -> list[tuple]:
+    """What an owner's inner state is indexed by: each entry's name, global shape and rank ranges."""
+    return [(e.name, tuple(e.shape), tuple(tuple(r) for r in e.ranges)) for e in owner.entries]
 
 
 def wrap(optimizer: DistOptimizer, model: Any = None) -> DeepSpeedOptimizer:
@@ -262,75 +305,10 @@ def initialize(*args: Any, model: Any = None, optimizer: Any = None, **kwargs: A
     A non-distopt optimizer (or a callable, or None) is passed through unchanged."""
     deepspeed = _import_deepspeed()
     if isinstance(optimizer, DistOptimizer) and getattr(optimizer, "closure_kind", "backward") == "forward":
-        return _initialize_zo(deepspeed, args, model, optimizer, kwargs)
+        return initialize_zo(deepspeed, args, model, optimizer, kwargs)
     if isinstance(optimizer, DistOptimizer):
         optimizer = wrap(optimizer, model)
     return deepspeed.initialize(*args, model=model, optimizer=optimizer, **kwargs)
-
-
-def _config_dict(kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The DeepSpeed config given as ``config=`` / ``config_params=`` (a dict or a JSON file), or None
-    (e.g. ``args.deepspeed_config``, left to DeepSpeed)."""
-    cfg = kwargs.get("config", kwargs.get("config_params"))
-    if isinstance(cfg, (str, bytes)) or hasattr(cfg, "__fspath__"):
-        import json
-
-        with open(cfg) as f:  # type: ignore[arg-type]
-            return json.load(f)
-    return dict(cfg) if isinstance(cfg, Mapping) else None
-
-
-def check_zo_config(config: Mapping[str, Any], name: str = "zeroth-order recipe") -> int:
-    """The ZeRO stage of ``config`` if a zeroth-order recipe can train under it, else ValueError.
-
-    Stage 0 (data-parallel) and stage 3 with ``stage3_param_persistence_threshold: 0`` (every
-    parameter partitioned, so the recipe perturbs exactly what the forward gathers) are supported;
-    stages 1/2 partition gradients and optimizer state a zeroth-order step does not have, and need a
-    DeepSpeed optimizer whose fp32 master weights the step would never reach."""
-    zero = dict(config.get("zero_optimization") or {})
-    stage = int(zero.get("stage", 0))
-    for key in ("optimizer", "scheduler"):
-        if key in config:
-            raise ValueError(f"distopt.integrations.deepspeed: the config has an {key!r} section, but the optimizer is "
-                             f"the {name}; remove it (schedule the recipe's lr with torch.optim.lr_scheduler)")
-    if stage in (1, 2):
-        raise ValueError(f"distopt.integrations.deepspeed: ZeRO stage {stage} is not supported for the {name}: it "
-                         "partitions gradients and optimizer state (a zeroth-order step has neither) and needs a "
-                         "DeepSpeed optimizer whose fp32 master weights the step never reaches; use stage 0 "
-                         "(data-parallel: ranks share the seed and all-reduce the n scalars) or stage 3 (parameters "
-                         "partitioned, stage3_param_persistence_threshold: 0)")
-    if stage == 3 and zero.get("stage3_param_persistence_threshold") != 0:
-        raise ValueError(f"distopt.integrations.deepspeed: ZeRO-3 with the {name} needs "
-                         "zero_optimization.stage3_param_persistence_threshold: 0 (a persistent parameter keeps a "
-                         "full copy that the forward reads but the recipe, perturbing p.ds_tensor, would not)")
-    if stage not in (0, 3):
-        raise ValueError(f"distopt.integrations.deepspeed: unknown ZeRO stage {stage!r}")
-    return stage
-
-
-def data_parallel_group(engine: Any) -> Any:
-    """The process group over which a DeepSpeed engine averages gradients (its data-parallel ranks):
-    the group a zeroth-order recipe averages its scalars over."""
-    group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group", None)
-    if group is None:
-        raise RuntimeError(f"distopt.integrations.deepspeed: {type(engine).__name__} has no data_parallel_group")
-    return group
-
-
-def _initialize_zo(deepspeed: Any, args: tuple, model: Any, optimizer: DistOptimizer,
-                   kwargs: dict[str, Any]) -> Any:
-    """``deepspeed.initialize`` for a zeroth-order recipe (module docstring): the engine gets no
-    optimizer; the recipe averages over the engine's data-parallel group and is returned as is."""
-    cfg = _config_dict(kwargs)
-    if cfg is not None:
-        check_zo_config(cfg, f"zeroth-order recipe {optimizer.name!r}")
-    if kwargs.get("lr_scheduler") is not None:
-        raise ValueError("distopt.integrations.deepspeed: lr_scheduler= needs a DeepSpeed optimizer; with a "
-                         "zeroth-order recipe build the scheduler on the recipe itself")
-    engine, _, loader, scheduler = deepspeed.initialize(*args, model=model, optimizer=None, **kwargs)
-    if optimizer.process_group is None or optimizer.process_group is True:  # type: ignore[attr-defined]
-        optimizer.process_group = data_parallel_group(engine)  # type: ignore[attr-defined]
-    return engine, optimizer, loader, scheduler
 
 
 # ----------------------------------------------------------------------------- the refusal
@@ -365,3 +343,5 @@ def refuse_foreign_params(optimizer: DistOptimizer) -> None:
                 f"1-D partitions, so the update would be wrong. {_HINT}.")
 
 
+__all__ = ["DeepSpeedOptimizer", "check_zo_config", "data_parallel_group", "initialize", "refuse_foreign_params",
+           "wrap"]

@@ -20,9 +20,15 @@ Then, per sample i and layer, with ``G_i = g_iᵀ a_i``:
 
 ``p.grad`` is then exactly what Opacus' two-pass ghost clipping leaves after its second backward,
 so Opacus' ``DPOptimizerFastGradientClipping`` (noise, 1/expected-batch scaling, accounting hook,
-virtual steps) runs on it unchanged. Layers: ``nn.Linear`` (any leading dims), ``nn.Embedding``,
-``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.Conv2d`` (unfold; groups = 1, zero padding); more types via
-:func:`register_layer` with one of these rules. A trainable parameter elsewhere is refused.
+virtual steps) runs on it unchanged. Data-parallel: a ``DistributedDataParallel`` or Opacus ``DPDDP``
+module is run through its inner module, so DDP's reducer never sees a gradient; Opacus'
+``DistributedDPOptimizerFastGradientClipping`` all-reduces the clipped sums (its ``reduce_gradients``,
+one all-reduce per parameter) after rank 0 alone added the noise. FSDP is refused: its parameters
+are flat shards, not the layers' weights.
+
+Layers: ``nn.Linear`` (any leading dims), ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``,
+``nn.Conv2d`` (unfold; groups = 1, zero padding); more types via :func:`register_layer` with one of
+these rules. A trainable parameter elsewhere is refused.
 """
 from __future__ import annotations
 
@@ -171,6 +177,14 @@ def _check_layer(name: str, m: nn.Module) -> None:
                                   "book-keeping rule; use grad_sample_mode='ghost' (Opacus' two-pass) or 'hooks'")
 
 
+def _data_parallel_inner(module: nn.Module) -> nn.Module:
+    """The module a DDP / DPDDP wrapper runs (parameters broadcast at its construction); else ``module``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapper = type(module).__name__ == "DifferentiallyPrivateDistributedDataParallel"  # Opacus' DPDDP
+    return module.module if wrapper or isinstance(module, DistributedDataParallel) else module
+
+
 class BookKeepingModule(nn.Module):
     """Wraps ``module`` (as Opacus' GradSampleModule: ``._module``, unknown attributes forwarded); forward
     hooks keep each supported layer's input and its output's gradient edge during a training-mode
@@ -212,7 +226,7 @@ class BookKeepingModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._records.clear()
-        return self._module(*args, **kwargs)
+        return _data_parallel_inner(self._module)(*args, **kwargs)
 
     def _record(self, layer: nn.Module, inputs: tuple, output: Tensor) -> None:
         if not (layer.training and torch.is_grad_enabled()):
@@ -301,11 +315,11 @@ def book_keeping_engine() -> type:
         def _prepare_model(self, module: nn.Module, *, batch_first: bool = True, max_grad_norm: Any = 1.0,
                            loss_reduction: str = "mean", grad_sample_mode: str = "ghost",
                            wrap_model: bool = True) -> BookKeepingModule:
-            from torch.nn.parallel import DistributedDataParallel
+            from torch.distributed.fsdp import FSDPModule
 
-            if isinstance(module, DistributedDataParallel) or type(module).__name__.startswith(("DPDDP", "FSDP")):
-                raise NotImplementedError("grad_sample_mode='ghost_bk' does not support DDP/FSDP modules yet; use "
-                                          "grad_sample_mode='ghost' (Opacus' two-pass ghost clipping)")
+            if isinstance(module, FSDPModule) or type(module).__name__.startswith("FullyShardedDataParallel"):
+                raise NotImplementedError("grad_sample_mode='ghost_bk' does not support FSDP modules (their parameters "
+                                          "are flat shards); use DDP or Opacus' DPDDP, or grad_sample_mode='ghost'")
             if not batch_first or not wrap_model:
                 raise ValueError("grad_sample_mode='ghost_bk' needs batch_first=True and wrap_model=True")
             self.validate(module=module, optimizer=None, data_loader=None)

@@ -207,7 +207,7 @@ def make_private(
     returned criterion for the loss: its ``backward()`` runs ghost clipping's two passes; it
     wraps ``criterion``, by default ``nn.CrossEntropyLoss()`` as in Opacus) and with
     ``grad_sample_mode="ghost_bk"`` (the same objects and gradients, but ``backward()`` is one
-    pass: book-keeping ghost clipping, :mod:`distopt.privacy.book_keeping`; flat clipping, no DDP).
+    pass: book-keeping ghost clipping, :mod:`distopt.privacy.book_keeping`; flat clipping; DDP or DPDDP, not FSDP).
 
     Give exactly one of ``noise_multiplier`` (σ) or ``target_epsilon`` with ``epochs`` (σ from
     Opacus' ``get_noise_multiplier`` with the chosen ``accountant``). ``budget=ε_max`` refuses

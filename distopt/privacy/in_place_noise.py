@@ -15,7 +15,9 @@ generator, same float operations ``summed + noise`` then ``/ B``) in the gradien
                                       ``torch.normal``, without its zero-filled allocations)
     p.grad := summed_grad; p.grad /= B
 
-``secure_mode`` keeps Opacus' own ``_generate_noise`` (its 2n-sample construction).
+``secure_mode`` keeps Opacus' own ``_generate_noise`` (its 2n-sample construction). In front of the
+``Distributed*`` optimizer only rank 0 adds noise, as Opacus' own ``add_noise`` there: the all-reduce
+that follows sums it once into every rank's gradient.
 
 A skipped (virtual) step of ``BatchMemoryManager`` keeps a copy, since the user's
 ``zero_grad`` may clear ``p.grad`` in place before the next micro-batch adds to the sum.
@@ -41,7 +43,11 @@ class InPlaceNoiseMixin:
 
         std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
         scratch = _Scratch()
+        noising_rank = getattr(self, "rank", 0) == 0  # Distributed*: rank 0 only
         for p in self.params:
+            if not noising_rank:  # Opacus' Distributed* add_noise on ranks > 0, exactly
+                p.grad = p.summed_grad.view_as(p)
+                continue
             _check_processed_flag(p.summed_grad)
             if std == 0:  # Opacus adds zeros
                 pass

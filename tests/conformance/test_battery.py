@@ -79,6 +79,7 @@ def _train(opt: torch.optim.Optimizer, loss_fn, n: int) -> None:
 # the current θ: an entry never moves while |θ| > h, and freezes once a step carries it past h. On
 # these problems that is the method, not the implementation (its update is checked against a naive
 # float64 loop in tests/reference/test_zeroth_order.py); with sparsity 0 it fails them too.
+# test_sparse_mezo_out_of_reach proves each reason below for every lr of the grid.
 ZO_OUT_OF_REACH = {
     ("sparse_mezo", "quadratic"): "the 75% largest |θ| (loss 312 of 315.5) are above h and never perturbed",
     ("sparse_mezo", "rosenbrock"): "h = |x0| = 1.8 < |y0| = 4: y is never perturbed, and x freezes once "
@@ -118,6 +119,49 @@ def test_converges(name: str, problem: str) -> None:
             return
         tried.append(f"lr={lr}: loss={loss_fn().item():.3g}")
     pytest.fail(f"{name} did not solve {problem} in {steps} steps for any lr: {'; '.join(tried)}")
+
+
+def _quadratic_floor(params: list[torch.Tensor], loss_fn, h: list[float]) -> float:
+    """The loss with every entry |θ| <= h at 0: a lower bound of any later loss, since the quadratic
+    is separable with its minimum at 0 and the entries |θ| > h never move again."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, t in zip(params, h):
+            p.masked_fill_(p.abs() <= t, 0.0)
+        floor = float(loss_fn())
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    return floor
+
+
+@pytest.mark.parametrize("problem", sorted(p for name, p in ZO_OUT_OF_REACH if name == "sparse_mezo"))
+def test_sparse_mezo_out_of_reach(problem: str) -> None:
+    """The skips of ZO_OUT_OF_REACH are the method, for every lr of ZO_LR_GRID.
+
+    Every step leaves each entry with |θ| > h untouched (Sparse-MeZO's mask). On rosenbrock and
+    logistic_regression the first steps push every entry past h: the mask is empty, the iterate a
+    fixed point (one more step changes nothing) and not solved. On quadratic the 75% largest
+    entries never move, and the loss they keep is above the target whatever the others do."""
+    for lr in ZO_LR_GRID:
+        params, loss_fn, solved = PROBLEMS[problem]()
+        target = 1e-2 * float(loss_fn().detach())  # quadratic's solved()
+        opt = distopt.create("sparse_mezo", params, lr=lr)
+        for _ in range(30):
+            before = [p.detach().clone() for p in params]
+            opt.step(loss_fn)
+            h = [float(opt.state[p]["mask_threshold"]) for p in params]
+            for p, b, t in zip(params, before, h):
+                assert torch.equal(p.detach()[b.abs() > t], b[b.abs() > t]), f"lr={lr}: an entry above h moved"
+            if all(bool((p.detach().abs() > t).all()) for p, t in zip(params, h)):
+                end = [p.detach().clone() for p in params]
+                opt.step(loss_fn)
+                assert all(torch.equal(p.detach(), e) for p, e in zip(params, end)), f"lr={lr}"
+                assert not solved(), f"lr={lr}: the fixed point solves {problem}"
+                break
+        else:
+            assert problem == "quadratic", f"lr={lr}: {problem} still perturbs entries after 30 steps"
+            floor = _quadratic_floor(params, loss_fn, h)
+            assert floor > target, f"lr={lr}: floor {floor:.3g} is below the target {target:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -4,7 +4,7 @@ DS_ACCELERATOR=cpu). One launch per backend runs every recipe of RECIPES that is
 
     torchrun --standalone --nproc_per_node 2 sharded_worker.py fsdp2 --out r.json
     DS_ACCELERATOR=cpu torchrun ... sharded_worker.py zero1|zero2|zero3 --out r.json
-    DS_ACCELERATOR=cpu torchrun ... sharded_worker.py refuse --out r.json
+    DS_ACCELERATOR=cpu torchrun ... sharded_worker.py refuse|ckpt|offload --out r.json
 
 Each rank trains the same model from the same init on the same full batch (so the reduced
 gradient equals the single-process gradient up to the exact (g + g) / 2), STEPS steps, then the
@@ -212,6 +212,74 @@ def zero(stage: int) -> dict[str, Any]:
     return out
 
 
+CKPT_RECIPES = ["adamw", "muon", "shampoo"]  # fragments only; owned matrices; owned preconditioners
+
+
+def train_ds(engine: Any, steps: range) -> None:
+    for step in steps:
+        engine.backward(loss_of(engine, batch(step)))
+        engine.step()
+
+
+def ckpt(root: Path) -> dict[str, Any]:
+    """engine.save_checkpoint after STEPS // 2 steps, a fresh engine load_checkpoint and the rest:
+    equal to the uninterrupted run; the loaded state refused under another world size."""
+    from distopt.integrations import deepspeed as dsi
+
+    out: dict[str, Any] = {"skipped": {n: "not registered" for n in CKPT_RECIPES if n not in distopt.available()}}
+    for stage in (1, 2, 3):
+        for name in [n for n in CKPT_RECIPES if n in distopt.available()]:
+            ref, _ = run_deepspeed(name, stage)
+            engines = []
+            for _ in range(2):
+                model = build()
+                engine, *_ = dsi.initialize(model=model, optimizer=distopt.create(name, groups(model, name)),
+                                            config=ds_config(stage))
+                engines.append((model, engine))
+            train_ds(engines[0][1], range(STEPS // 2))
+            engines[0][1].save_checkpoint(str(root / f"{name}-{stage}"), tag="half")
+            model, engine = engines[1]
+            engine.load_checkpoint(str(root / f"{name}-{stage}"), tag="half")
+            adapter = engine.optimizer.optimizer  # the DeepSpeedOptimizer inside DeepSpeed's ZeRO optimizer
+            loaded = sorted(adapter.state_dict()["distopt_deepspeed"])  # saved again before a step: nothing lost
+            train_ds(engine, range(STEPS // 2, STEPS))
+            got = ds_full_params(engine, model, stage)
+            state = adapter.state_dict()
+            try:
+                adapter.load_state_dict({**state, "world_size": 4})
+                refused = None
+            except ValueError as exc:
+                refused = str(exc)
+            adapter.load_state_dict({**state, "layout": {k: [] for k in state["layout"]}})
+            try:
+                train_ds(engine, range(1))  # the owners are rebuilt at the step: their layout is checked
+                other_layout = None
+            except ValueError as exc:
+                other_layout = str(exc)
+            out[f"{name}/{stage}"] = {"rel_diff": rel_diff(got, ref), "bitwise": bool(torch.equal(got, ref)),
+                                      "keys": sorted(state["distopt_deepspeed"]), "loaded": loaded, "refused": refused,
+                                      "other_layout": other_layout}
+    return out
+
+
+def offload() -> dict[str, Any]:
+    """ZeRO 1/2/3 with ``offload_optimizer: cpu`` and a distopt client optimizer: equal to one process."""
+    from distopt.integrations import deepspeed as dsi
+
+    out: dict[str, Any] = {}
+    for stage in (1, 2, 3):
+        for name in ("muon", "adamw"):
+            ref, model = reference(name), build()
+            config = ds_config(stage)
+            config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+            config["zero_force_ds_cpu_optimizer"] = False  # a client optimizer, not DeepSpeedCPUAdam
+            engine, *_ = dsi.initialize(model=model, optimizer=distopt.create(name, groups(model, name)), config=config)
+            train_ds(engine, range(STEPS))
+            got = ds_full_params(engine, model, stage)
+            out[f"{name}/{stage}"] = {"rel_diff": rel_diff(got, ref), "moved": rel_diff(got, flat(build()))}
+    return out
+
+
 def refuse() -> dict[str, Any]:
     """Plain deepspeed.initialize with distopt recipes: elementwise ones work, others refuse."""
     import deepspeed
@@ -236,7 +304,7 @@ def refuse() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["fsdp2", "zero1", "zero2", "zero3", "refuse"])
+    parser.add_argument("mode", choices=["fsdp2", "zero1", "zero2", "zero3", "refuse", "ckpt", "offload"])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -261,6 +329,10 @@ def main() -> None:
             result = fsdp2()
         elif args.mode == "refuse":
             result = refuse()
+        elif args.mode == "ckpt":
+            result = ckpt(Path(args.out).parent)
+        elif args.mode == "offload":
+            result = offload()
         else:
             result = zero(int(args.mode[-1]))
         error = None

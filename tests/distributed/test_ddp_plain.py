@@ -3,7 +3,6 @@ the same parameters as one process that sees the whole batch."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 import ddp_train  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launching import run_launch  # noqa: E402
+
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_ddp_two_ranks_equal_single_process(optimizer: str, tmp_path: Path) -> None:
@@ -21,7 +23,7 @@ def test_ddp_two_ranks_equal_single_process(optimizer: str, tmp_path: Path) -> N
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(ROOT / "examples" / "ddp_train.py"), "--optimizer", optimizer, "--steps", "10", "--out", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    result = run_launch(cmd, env=env, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     ddp_params = torch.load(out)
 

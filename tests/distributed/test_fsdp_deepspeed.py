@@ -76,3 +76,32 @@ def test_plain_deepspeed_refuses_matrix_recipes(tmp_path: Path) -> None:
                 assert row["raised"] is None, row  # elementwise: exact on flat partitions, allowed
             else:
                 assert row["raised"] and "distopt.integrations.deepspeed.initialize" in row["raised"], (key, row)
+
+
+@pytest.mark.skipif(not HAS_DS, reason="DeepSpeed is not installed")
+def test_deepspeed_checkpoint_resumes_exactly(tmp_path: Path) -> None:
+    """engine.save_checkpoint / load_checkpoint (ZeRO 1/2/3, 2 ranks) with owner-kept state: the resumed
+    run is bitwise the uninterrupted one; the state is refused on another world size or layout."""
+    report = launch("ckpt", tmp_path / "report.json", timeout=600)
+    for rank in report["ranks"]:
+        res = rank["result"]
+        assert not res.pop("skipped"), "adamw, muon and shampoo are core recipes"
+        assert len(res) == 9
+        for key, row in res.items():
+            assert row["bitwise"], (key, row["rel_diff"])
+            prefix = "subgroup" if key.endswith("/3") else "group"
+            assert row["keys"] and all(k[len(prefix):].isdigit() for k in row["keys"]), (key, row["keys"])
+            assert row["loaded"] == row["keys"], row  # state_dict() between load and the first step
+            assert "saved by rank" in row["refused"] and "distopt.distributed.checkpoint" in row["refused"], row
+            assert "holds other parameters" in row["other_layout"], row
+
+
+@pytest.mark.skipif(not HAS_DS, reason="DeepSpeed is not installed")
+def test_deepspeed_offload_optimizer_equals_single_process(tmp_path: Path) -> None:
+    """offload_optimizer (cpu) under ZeRO 1/2/3: Muon's owner protocol and AdamW's fragments on the
+    offloaded fp32 partitions give the single-process parameters."""
+    report = launch("offload", tmp_path / "report.json")
+    for rank in report["ranks"]:
+        assert len(rank["result"]) == 6
+        for key, row in rank["result"].items():
+            assert row["moved"] > 1e-3 and row["rel_diff"] <= TOL, (key, row)

@@ -43,6 +43,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 import ddp_train  # noqa: E402
 import train_lm_sharded as lm  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launching import run_launch  # noqa: E402
+
 import distopt  # noqa: E402
 
 STEPS = 8
@@ -63,7 +66,7 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def run(cmd: list[str], timeout: int = 300, **extra: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, env=env(**extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = run_launch(cmd, env=env(**extra), cwd=ROOT, timeout=timeout)
     assert result.returncode == 0, " ".join(cmd) + "\n" + result.stdout[-3000:] + result.stderr[-4000:]
     return result
 

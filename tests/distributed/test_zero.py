@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from distopt.preconditioners import ApplyLR
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import zero_worker as w  # noqa: E402
+from launching import run_launch  # noqa: E402
 
 TOL = 1e-5
 
@@ -38,7 +38,7 @@ def launch(nproc: int, mode: str, out: Path, *extra: str, timeout: int = 240) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(HERE / "zero_worker.py"), mode, "--out", str(out), *extra]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = run_launch(cmd, env=env, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())
     errors = [r["error"] for r in report["ranks"] if r["error"]]

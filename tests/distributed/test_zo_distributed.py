@@ -10,7 +10,6 @@ DeepSpeed ZeRO-3: the same with flat partitions (``p.ds_tensor``).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,13 +19,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import zo_worker  # noqa: E402
+from launching import run_launch  # noqa: E402
 
 
 def _torchrun(mode: str, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "zo_worker.py"), "--mode", mode, "--steps", "20", "--out", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    result = run_launch(cmd, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out)
 

@@ -266,7 +266,7 @@ def main() -> None:
         else:
             result = ckpt_load(rank, world, Path(args.dir))
         error = None
-    except Exception as exc:  # noqa: BLE001 - reported to the test, with the traceback
+    except Exception:  # noqa: BLE001 - reported to the test, with the traceback
         import traceback
 
         result, error = {}, f"rank {rank}: {traceback.format_exc()}"

@@ -1,7 +1,7 @@
 """Run by tests/privacy/test_ddp.py under ``torchrun --standalone --nproc_per_node 2`` (gloo, CPU).
 
-Each rank holds half of a global batch of 8; make_private on a DPDDP- (hooks) or DDP- (ghost)
-wrapped module picks Opacus' Distributed*DPOptimizer. Rank 0 also computes the single-process
+Each rank holds half of a global batch of 8; make_private on a DPDDP- (hooks, ghost_bk_dpddp) or DDP-
+(ghost, ghost_bk) wrapped module picks Opacus' Distributed*DPOptimizer. Rank 0 also computes the single-process
 reference on the whole batch and writes everything to ``argv[1]`` (a torch file)."""
 from __future__ import annotations
 
@@ -41,19 +41,34 @@ def private_run(mode: str, sigma: float, distributed: bool, hidden: int = 10, se
     if distributed:
         from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
-        module = DPDDP(model) if mode == "hooks" else DDP(model)
+        module = DPDDP(model) if mode in ("hooks", "ghost_bk_dpddp") else DDP(model)
         dl = DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=DistributedSampler(dataset, shuffle=False))
     else:
         module, dl = model, DataLoader(dataset, batch_size=GLOBAL_BATCH)
-    out = make_private(module, opt, dl, noise_multiplier=sigma, max_grad_norm=C, grad_sample_mode=mode,
+    out = make_private(module, opt, dl, noise_multiplier=sigma, max_grad_norm=C, grad_sample_mode=mode.split("_dp")[0],
                        poisson_sampling=False, noise_generator=torch.Generator().manual_seed(seed + rank))
-    module, dp_opt, criterion = out[0], out[1], (out[2] if mode == "ghost" else None)
+    module, dp_opt, criterion = out[0], out[1], (out[2] if mode != "hooks" else None)
     local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     step(module, dp_opt, x[:GLOBAL_BATCH][local], y[:GLOBAL_BATCH][local], criterion)
     return {"grads": [p.grad.detach().clone() for p in model.parameters()],
             "params": [p.detach().clone() for p in model.parameters()],
             "class": type(dp_opt).__name__, "eps": dp_opt.privacy_spent()[0],
             "expected_batch_size": float(dp_opt.expected_batch_size)}
+
+
+def fsdp_refusal() -> str:
+    """make_private(grad_sample_mode="ghost_bk") on an FSDP2 module: the error it raises."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    fully_shard(model)
+    x, y = data(N)
+    try:
+        make_private(model, distopt.create("sgd", model.parameters(), lr=0.1), DataLoader(TensorDataset(x, y), 4),
+                     noise_multiplier=1.0, max_grad_norm=C, grad_sample_mode="ghost_bk")
+    except NotImplementedError as error:
+        return str(error)
+    return "no error"
 
 
 def zo_run(sigma: float, distributed: bool):
@@ -81,6 +96,11 @@ def main() -> None:
         "ghost": private_run("ghost", 0.0, True),
         "noisy_clean": private_run("hooks", 0.0, True, hidden=600),
         "noisy": private_run("hooks", 1.0, True, hidden=600),
+        "ghost_bk": private_run("ghost_bk", 0.0, True),
+        "ghost_bk_dpddp": private_run("ghost_bk_dpddp", 0.0, True),
+        "ghost_bk_noisy_clean": private_run("ghost_bk", 0.0, True, hidden=600),
+        "ghost_bk_noisy": private_run("ghost_bk", 1.0, True, hidden=600),
+        "fsdp_ghost_bk": fsdp_refusal(),
         "zo": zo_run(0.0, True),
         "zo_noisy": zo_run(1.0, True),
     }
@@ -88,6 +108,7 @@ def main() -> None:
     dist.all_gather_object(everyone, result)
     if rank == 0:
         reference = {"hooks": private_run("hooks", 0.0, False), "ghost": private_run("ghost", 0.0, False),
+                     "ghost_bk": private_run("ghost_bk", 0.0, False),
                      "zo": zo_run(0.0, False)}
         torch.save({"ranks": everyone, "single": reference}, sys.argv[1])
     dist.barrier()
