@@ -90,7 +90,8 @@ class HutchinsonDiagonal(Operator):
             raise RuntimeError(
                 f"{self.owner}: the gradients carry no autograd graph, so no Hessian-vector product can be "
                 "taken. Build them with loss.backward(create_graph=True) (a closure passed to step() must "
-                "do the same), and free the graph afterwards with optimizer.zero_grad(set_to_none=True)."
+                "do the same), and free the graph afterwards with optimizer.zero_grad(set_to_none=True); in a "
+                "transformers Trainer, use distopt.integrations.hf.CurvatureTrainer."
             )
         position = {id(p): j for j, p in enumerate(group["params"])}
         out = [torch.zeros_like(p) for p in params]

