@@ -122,7 +122,9 @@ def _module_closure(roots: Iterable[str]) -> list[str]:
         seen.add(name)
         if is_root and hasattr(module, "__path__"):
             todo += [(m.name, True) for m in pkgutil.iter_modules(module.__path__, name + ".")]
-        for value in vars(module).values():
+        for key, value in vars(module).items():
+            if key.startswith("__"):  # module dunders, and the __import_* globals torch.compile injects
+                continue
             ref = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
             if isinstance(ref, str) and ref.startswith("distopt.") and not ref.startswith("distopt.bench"):
                 todo.append((ref, False))

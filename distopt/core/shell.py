@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from distopt.core.chain import Chain
+from distopt.core.compiled import compiling, has_scalar_float64_state, run_eagerly
 from distopt.core.hyper import COMMON, Hyper, validate
 from distopt.core.operator import StepContext
 from distopt.core.state_dtypes import restore_saved_dtypes
@@ -138,14 +139,19 @@ class DistOptimizer(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group.get("fused") else "cpu")
                 state.update(recipe.init(p))
             states.append(state)
-        route = self.fast_route(group) if group["foreach"] is not False else None
+        traced = compiling()  # torch.compile(opt.step): see distopt/core/compiled.py
+        route = self.fast_route(group) if group["foreach"] is not False and not traced else None
         if route is not None:
             route(group, params, grads, states)
             return
         step_counts = [s["step"] for s in states]
         ops.add_(step_counts, 1.0)
         ctx = StepContext(group, params, states, [int(s.item()) for s in step_counts], ops)
-        recipe.update(ops.neg(grads) if group["maximize"] else grads, ctx)
+        updates = ops.neg(grads) if group["maximize"] else grads
+        if traced and has_scalar_float64_state(states):
+            run_eagerly(recipe.update, updates, ctx)
+        else:
+            recipe.update(updates, ctx)
 
     def __repr__(self) -> str:
         return f"distopt.{type(self).__name__}({len(self.param_groups)} group(s), {self.defaults})"
