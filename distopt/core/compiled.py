@@ -30,11 +30,6 @@ from typing import Any, Callable
 import torch
 
 
-def compiling() -> bool:
-    """True while Dynamo traces (``torch.compiler.is_compiling``)."""
-    return torch.compiler.is_compiling()
-
-
 def has_scalar_float64_state(states: list[dict[str, Any]]) -> bool:
     """Whether any state tensor is 0-dim float64 on the CPU (the case Dynamo mis-handles)."""
     return any(torch.is_tensor(v) and v.ndim == 0 and v.dtype == torch.float64 and v.device.type == "cpu"
@@ -47,4 +42,4 @@ def run_eagerly(update: Callable[..., Any], *args: Any) -> Any:
     return update(*args)
 
 
-__all__ = ["compiling", "has_scalar_float64_state", "run_eagerly"]
+__all__ = ["has_scalar_float64_state", "run_eagerly"]

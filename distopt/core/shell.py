@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from distopt.core.chain import Chain
-from distopt.core.compiled import compiling, has_scalar_float64_state, run_eagerly
+from distopt.core.compiled import has_scalar_float64_state, run_eagerly
 from distopt.core.hyper import COMMON, Hyper, validate
 from distopt.core.operator import StepContext
 from distopt.core.state_dtypes import restore_saved_dtypes
@@ -139,7 +139,7 @@ class DistOptimizer(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group.get("fused") else "cpu")
                 state.update(recipe.init(p))
             states.append(state)
-        traced = compiling()  # torch.compile(opt.step): see distopt/core/compiled.py
+        traced = torch.compiler.is_compiling()  # torch.compile(opt.step): see distopt/core/compiled.py
         route = self.fast_route(group) if group["foreach"] is not False and not traced else None
         if route is not None:
             route(group, params, grads, states)

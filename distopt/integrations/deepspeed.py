@@ -116,7 +116,7 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
         self._groups = list(optimizer.param_groups)  # the group dicts DeepSpeed edits in place
         self.names = dict(names or {})
         self.stage: int | None = None
-        self._owners: dict[Any, tuple[OwnerStep, list[Tensor], Tensor]] = {}
+        self._owners: dict[int, OwnerStep] = {}  # id(flat partition) -> its owner protocol
         self._pending: dict[str, tuple[Any, dict[str, Any]]] = {}  # loaded owner state: key -> (layout, state)
         self._ready = True
 
@@ -127,7 +127,7 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
     @property
     def comm(self) -> dict[str, int]:
         total: dict[str, int] = {}
-        for owner, _, _ in self._owners.values():
+        for owner in self._owners.values():
             for k, v in owner.comm.items():
                 total[k] = total.get(k, 0) + v
         return total
@@ -148,7 +148,7 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
     def _name(self, p: Tensor, gi: int, k: int) -> str:
         return self.names.get(id(p), f"{gi}.{k}")
 
-    def _build_zero12(self, gi: int, flat: Tensor) -> tuple[OwnerStep, list[Tensor], Tensor]:
+    def _build_zero12(self, gi: int, flat: Tensor) -> OwnerStep:
         """ZeRO-1/2 calls step() once per param group (``_optimizer_step``): one protocol per group."""
         zopt = next((p._zero_optimizer for p in self.user_params[gi] if hasattr(p, "_zero_optimizer")), None)
         pg = zopt.real_dp_process_group[gi] if zopt is not None else None
@@ -169,7 +169,7 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
             value = flat.detach().narrow(0, a, n) if n > 0 else None
             entries.append(Entry(self._name(p, gi, k), tuple(int(s) for s in p.shape), gi, flat.dtype,
                                  [tuple(x) for x in rr], value))
-        return self._owner(f"group{gi}", entries, pg, spans), [flat], flat
+        return self._owner(f"group{gi}", entries, pg, spans)
 
     def _owner(self, key: str, entries: list[Entry], pg: Any, spans: list[tuple[int, int]]) -> OwnerStep:
         """The owner protocol of one group / sub-group, with the state loaded for ``key`` if any."""
@@ -184,7 +184,7 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
             owner.inner.load_state_dict(state)
         return owner
 
-    def _build_zero3(self, flat: Tensor) -> tuple[OwnerStep, list[Tensor], Tensor]:
+    def _build_zero3(self, flat: Tensor) -> OwnerStep:
         params = [p for ps in self.user_params for p in ps]
         zopt = next(p._z3_optimizer for p in params if hasattr(p, "_z3_optimizer"))
         sg = next(i for i, f in enumerate(zopt.fp32_partitioned_groups_flat) if f is flat)
@@ -202,7 +202,7 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
             spans.append((off, b - a))
             entries.append(Entry(self._name(p, gi, k), tuple(int(s) for s in p.ds_shape), gi, flat.dtype, ranges, value))
             off += size
-        return self._owner(f"subgroup{sg}", entries, zopt.dp_process_group, spans), [flat], flat
+        return self._owner(f"subgroup{sg}", entries, zopt.dp_process_group, spans)
 
     # ------------------------------------------------------------------ optimizer API
     @torch.no_grad()
@@ -225,7 +225,7 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
                 key = id(flat)
                 if key not in self._owners:
                     self._owners[key] = self._build_zero12(gi, flat) if self.stage == 2 else self._build_zero3(flat)
-                owner, _, _ = self._owners[key]
+                owner = self._owners[key]
                 g = flat.grad
                 grads = [None if g is None or n == 0 else g.narrow(0, a, n) for a, n in owner._spans]  # type: ignore[attr-defined]
                 owner.step(grads)
@@ -249,7 +249,7 @@ class DeepSpeedOptimizer(torch.optim.Optimizer):
             return self.optimizer.state_dict()
         states = {k: state for k, (_, state) in self._pending.items()}  # loaded, not yet stepped
         layouts = {k: layout for k, (layout, _) in self._pending.items()}
-        for owner, _, _ in self._owners.values():
+        for owner in self._owners.values():
             states[owner._key] = owner.inner.state_dict()  # type: ignore[attr-defined]
             layouts[owner._key] = _layout(owner)  # type: ignore[attr-defined]
         hypers = [{k: v for k, v in g.items() if k != "params"} for g in self._groups]

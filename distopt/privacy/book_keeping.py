@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 STABILIZER = 1e-6  # Opacus: C / (‖g‖ + 1e-6)
 
@@ -179,8 +180,6 @@ def _check_layer(name: str, m: nn.Module) -> None:
 
 def _data_parallel_inner(module: nn.Module) -> nn.Module:
     """The module a DDP / DPDDP wrapper runs (parameters broadcast at its construction); else ``module``."""
-    from torch.nn.parallel import DistributedDataParallel
-
     wrapper = type(module).__name__ == "DifferentiallyPrivateDistributedDataParallel"  # Opacus' DPDDP
     return module.module if wrapper or isinstance(module, DistributedDataParallel) else module
 

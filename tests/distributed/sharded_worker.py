@@ -188,16 +188,19 @@ def ds_full_params(engine: Any, model: torch.nn.Module, stage: int) -> torch.Ten
     return flat(model)
 
 
+def train_ds(engine: Any, steps: range) -> None:
+    for step in steps:
+        engine.backward(loss_of(engine, batch(step)))
+        engine.step()
+
+
 def run_deepspeed(name: str, stage: int) -> tuple[torch.Tensor, Any]:
     from distopt.integrations import deepspeed as dsi
 
     model = build()
     opt = distopt.create(name, groups(model, name))
     engine, optimizer, _, _ = dsi.initialize(model=model, optimizer=opt, config=ds_config(stage))
-    for step in range(STEPS):
-        loss = loss_of(engine, batch(step))
-        engine.backward(loss)
-        engine.step()
+    train_ds(engine, range(STEPS))
     return ds_full_params(engine, model, stage), optimizer
 
 
@@ -213,12 +216,6 @@ def zero(stage: int) -> dict[str, Any]:
 
 
 CKPT_RECIPES = ["adamw", "muon", "shampoo"]  # fragments only; owned matrices; owned preconditioners
-
-
-def train_ds(engine: Any, steps: range) -> None:
-    for step in steps:
-        engine.backward(loss_of(engine, batch(step)))
-        engine.step()
 
 
 def ckpt(root: Path) -> dict[str, Any]:
@@ -293,9 +290,7 @@ def refuse() -> dict[str, Any]:
         opt = distopt.create(name, groups(model, name))
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
         try:
-            for step in range(2):
-                engine.backward(loss_of(engine, batch(step)))
-                engine.step()
+            train_ds(engine, range(2))
             out[f"{name}/{stage}"] = {"raised": None}
         except Exception as exc:  # noqa: BLE001
             out[f"{name}/{stage}"] = {"raised": f"{type(exc).__name__}: {exc}"}
