@@ -16,15 +16,37 @@ CPP_ABORT = "terminate called without an active exception"
 RELAUNCHES = 2
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: torchrun starts each rank in a session of its own,
+    so killing the launcher's group leaves them, and their inherited pipes, alive)."""
+    parent: dict[int, int] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])  # after "(comm)": state, ppid
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == current]
+        found += kids
+        todo += kids
+    return found
+
+
 def _run(cmd: list[str], timeout: float | None = None, **kwargs: Any) -> subprocess.CompletedProcess | None:
-    """``cmd`` in its own session; on timeout the whole session is killed (no orphaned rank) -> None."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **kwargs)
+    """``cmd``; on timeout it and every process below it are killed (no orphaned rank) -> None."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate()  # every writer of the pipes is gone
         return None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
